@@ -1,0 +1,30 @@
+"""Checkpointing for resumable runs: best on the monitored metric, and ``last.ckpt`` after every epoch."""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the newest epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only in steps where a top-k checkpoint was written, so with
+    ``monitor=val/acc, save_top_k=1`` an epoch that does not improve leaves ``last.ckpt`` one or more epochs
+    behind and ``fit --ckpt_path last`` would silently repeat epochs. After Lightning's own logic has run, this
+    subclass writes ``last.ckpt`` for any epoch that did not get one.
+    """
+
+    def _ensure_last(self, trainer: Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)

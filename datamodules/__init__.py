@@ -1,0 +1,16 @@
+"""Datamodules: real loading paths plus the offline sources of shared/DATA.md, all in-memory and index-batched."""
+
+from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from datamodules.mnist import MNISTDataModule
+from datamodules.tabular import TabularDataModule
+from datamodules.tensor_data import TensorDataModule
+
+__all__ = [
+    "TensorDataModule",
+    "FashionMNISTDataModule",
+    "MNISTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "TabularDataModule",
+]

@@ -1,0 +1,173 @@
+"""In-memory tensor data: decode once, batch by indexing.
+
+Every datamodule here holds its splits as tensors and yields batches with ``dataset[index_tensor]`` instead of
+collating samples one by one (for a small MLP the per-sample path costs more than the model). The batch order
+of epoch ``e`` is a permutation seeded with ``(seed, e)``: a run resumed from an epoch-end checkpoint sees the
+same batches as an uninterrupted one. Lightning calls ``set_epoch`` on the sampler at every epoch start (and
+wraps it for DDP, which then shards whole batches across processes).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class IndexedTensors(Dataset):
+    """``dataset[indices] -> (transform(x[indices]), y[indices])`` for a whole batch at once."""
+
+    def __init__(self, x: Tensor, y: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"inputs and labels differ in length: {len(x)} vs {len(y)}.")
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        xb = self.x[index]
+        return (self.transform(xb) if self.transform else xb), self.y[index]
+
+
+class EpochBatchSampler(Sampler[Tensor]):
+    """Index batches of ``range(n)``, shuffled by a permutation seeded with ``(seed, epoch)``."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(keep, held_out)`` with ``round(fraction * n_c)`` samples of every class ``c`` held out."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for label in torch.unique(y):
+        idx = torch.nonzero(y == label).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        cut = int(round(fraction * len(idx)))
+        held.append(idx[:cut])
+        keep.append(idx[cut:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def global_seed() -> int:
+    """The seed given to ``seed_everything`` (LightningCLI's ``seed_everything:``), 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class TensorDataModule(LightningDataModule, ABC):
+    """Base of the in-memory datamodules: seeded validation split, index-batched loaders.
+
+    Subclasses set ``name``, ``input_shape`` and ``num_classes`` and implement ``load()`` returning
+    ``(x_train, y_train, x_test, y_test)`` plus ``batch_transform`` for the per-batch conversion to float.
+
+    Args:
+        root: directory for dataset files.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict.
+        val_fraction: share of the training split held out (stratified) for validation and model selection;
+            the test split is never used to select anything.
+        split_seed: seed of the validation split (fixed across runs so seeds vary only the training).
+        shuffle_seed: seed of the batch order; defaults to the run's ``seed_everything`` value.
+    """
+
+    name: str = "tensors"
+    input_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}.")
+        self.save_hyperparameters()
+        self.root = root
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.split_seed, self.shuffle_seed = val_fraction, split_seed, shuffle_seed
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.source = ""
+
+    # --- to implement -------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(x_train, y_train, x_test, y_test)`` and set ``self.source`` to where they came from."""
+
+    def batch_transform(self, x: Tensor, train: bool) -> Tensor:
+        return x.float()
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x_train, y_train, x_test, y_test = self.load()
+        for split, (x, y) in {"train": (x_train, y_train), "test": (x_test, y_test)}.items():
+            if len(x) == 0:
+                raise ValueError(f"the {split} split of {self.name} is empty; check data.root={self.root!r}.")
+            bad = (y < 0) | (y >= self.num_classes)
+            if bad.any():
+                raise ValueError(
+                    f"{self.name} {split} labels must lie in [0, {self.num_classes - 1}], found {int(y[bad][0])}."
+                )
+        keep, held = stratified_split(y_train, self.val_fraction, self.split_seed)
+        self.splits = {
+            "train": (x_train[keep], y_train[keep]),
+            "val": (x_train[held], y_train[held]),
+            "test": (x_test, y_test),
+        }
+        sizes = ", ".join(f"{k} {len(v[0]):,}" for k, v in self.splits.items())
+        rank_zero_info(f"[data] {self.name}: {sizes} (source: {self.source})")
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        x, y = self.splits[split]
+        seed = global_seed() if self.shuffle_seed is None else self.shuffle_seed
+        sampler = EpochBatchSampler(len(x), self.batch_size if train else self.eval_batch_size, shuffle=train, seed=seed)
+        dataset = IndexedTensors(x, y, lambda xb: self.batch_transform(xb, train))
+        # batch_size=None: the sampler yields whole index batches, the dataset indexes them in one go.
+        # A private generator: creating an iterator would otherwise draw from the global RNG, and how often that
+        # happens before an epoch's first step differs between a fresh and a resumed run.
+        return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,242 @@
+"""The LightningModule every technique builds on: classification loss, metrics, accounting, run summary.
+
+A technique subclasses ``ClassificationModule`` and changes only what it must: the network it builds
+(``build_network``), an extra loss term (``regularization``), its optimizer (``configure_optimizers``) or
+extra summary fields (``summary_extras``). Everything a comparison needs is measured here, once:
+
+* metrics ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/acc``,
+  ``test/f1`` (macro), ``test/loss``;
+* parameter accounting (``models.accounting``: total, trainable, nonzero, dense_equivalent), FLOPs per
+  sample (``torch.utils.flop_counter``) and model bytes, logged under ``params/*``;
+* ``summary.json`` in the run's log directory at the end of fit and of test (DESIGN.md contract).
+
+Reproducibility: torch's, numpy's and Python's global RNGs are reseeded from ``(seed, epoch)`` at every
+training-epoch start, so a run resumed from an epoch-end checkpoint draws the same dropout masks and
+augmentations as an uninterrupted run (Lightning does not restore RNG states itself).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from datamodules.tensor_data import global_seed
+from models.accounting import flops_per_sample, model_bytes, parameter_counts
+
+NetworkFactory = Callable[[Sequence[int], int], nn.Module]
+"""A network class given in YAML by ``class_path``/``init_args``; called as ``net(input_shape, num_classes)``."""
+
+
+class ClassificationModule(LightningModule):
+    """Supervised classification around a plain ``nn.Module``.
+
+    Args:
+        net: the network, e.g. ``{class_path: models.MLP, init_args: {hidden: [512, 512]}}``; its first two
+            arguments (input shape, number of classes) come from the datamodule.
+        input_shape: shape of one sample, linked from ``data.input_shape``.
+        num_classes: number of classes, linked from ``data.num_classes``.
+        optimizer: optimizer class and arguments (``class_path: torch.optim.Adam``, ``init_args: {lr: ...}``).
+        lr_scheduler: optional LR scheduler class and arguments, stepped once per epoch.
+    """
+
+    technique = "baseline"
+
+    def __init__(
+        self,
+        net: NetworkFactory,
+        input_shape: Sequence[int],
+        num_classes: int,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}.")
+        self.save_hyperparameters()
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.net = self.build_network(net)
+        self.example_input_array = torch.zeros(1, *self.input_shape)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        self.train_seconds = 0.0
+        self.epochs_trained = 0
+        self._epoch_start: float | None = None
+        self._summary_metrics: dict[str, float] = {}
+
+    # --- hooks for techniques -----------------------------------------------------------------------------
+    def build_network(self, net: NetworkFactory) -> nn.Module:
+        """Build the network; techniques wrap or transform it here."""
+        return net(self.input_shape, self.num_classes)
+
+    def regularization(self) -> Tensor | None:
+        """Extra loss term added to cross-entropy during training (none by default)."""
+        return None
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Technique-specific fields for ``summary.json`` (sparsity, collapsed layers, ...)."""
+        return {}
+
+    def deployed_model(self) -> nn.Module:
+        """The network as it would be deployed (techniques with an export return the exported model)."""
+        return self.net
+
+    # --- forward and steps ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        extra = self.regularization()
+        if extra is not None:
+            self.log("train/regularization", extra, on_step=False, on_epoch=True)
+            loss = loss + extra
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "lower the learning rate or check the inputs."
+            )
+        self.train_metrics(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True)
+        metrics(logits, y)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0]).argmax(dim=-1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        best = self.val_acc_best.compute()
+        self.log("val/acc_best", best)
+        self.log("hp_metric", best)  # fills TensorBoard's HPARAMS tab
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # sanity-check batches must not count
+        if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_score is not None:
+            self.val_acc_best.update(self.trainer.checkpoint_callback.best_model_score)
+
+    # --- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}}
+
+    # --- reproducibility and timing -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        seed = (global_seed() * 1_000_003 + self.current_epoch) % 2**32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_start is not None:
+            self.train_seconds += time.perf_counter() - self._epoch_start
+            self._epoch_start = None
+        self.epochs_trained = self.current_epoch + 1
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        # Saved during validation of epoch e, before on_train_epoch_end: count epoch e as done.
+        done = self.current_epoch + 1 if self._epoch_start is not None else self.epochs_trained
+        checkpoint["morphlab"] = {"train_seconds": self.train_seconds + running, "epochs_trained": done}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("morphlab", {})
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.epochs_trained = int(state.get("epochs_trained", 0))
+
+    # --- accounting and summary -----------------------------------------------------------------------------
+    def accounting(self) -> dict[str, Any]:
+        """Parameter counts, FLOPs per sample and bytes of the deployed model."""
+        model = self.deployed_model()
+        was_training = model.training
+        model.eval()
+        example = self.example_input_array.to(self.device)
+        flops = flops_per_sample(lambda: model(example), batch_size=example.shape[0])
+        model.train(was_training)
+        return {"params": parameter_counts(model), "flops_per_sample": flops, "model_bytes": model_bytes(model)}
+
+    def on_fit_start(self) -> None:
+        facts = self.accounting()
+        metrics = {f"params/{k}": float(v) for k, v in facts["params"].items()}
+        metrics["params/flops_per_sample"] = float(facts["flops_per_sample"])
+        for logger in self.loggers:  # self.log() is not allowed in on_fit_start
+            logger.log_metrics(metrics, step=self.global_step)
+
+    def on_fit_end(self) -> None:
+        self.write_summary("fit")
+
+    def on_test_end(self) -> None:
+        self.write_summary("test")
+
+    def write_summary(self, stage: str) -> Path | None:
+        """Write (or update) ``summary.json`` in the run's log directory; returns its path on rank 0."""
+        trainer = self.trainer
+        for key, value in trainer.callback_metrics.items():
+            if key.split("/")[0] in ("train", "val", "test", "compact", "sched") and value.numel() == 1:
+                self._summary_metrics[key] = float(value)
+        if stage == "fit":
+            self._summary_metrics["val/acc_best"] = float(self.val_acc_best.compute()) if self.val_acc_best.update_count else float("nan")
+        if trainer.global_rank != 0 or trainer.log_dir is None:
+            return None
+        datamodule = trainer.datamodule
+        summary = {
+            "technique": self.technique,
+            "dataset": getattr(datamodule, "name", None),
+            "data_source": getattr(datamodule, "source", None),
+            "seed": global_seed(),
+            "metrics": dict(sorted(self._summary_metrics.items())),
+            **self.accounting(),
+            "epochs": self.epochs_trained,
+            "train_seconds": round(self.train_seconds, 3),
+            "seconds_per_epoch": round(self.train_seconds / self.epochs_trained, 3) if self.epochs_trained else None,
+            "stage": stage,
+            "checkpoint": getattr(trainer, "ckpt_path", None),
+            **self.summary_extras(),
+        }
+        path = Path(trainer.log_dir) / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tmp.replace(path)
+        return path

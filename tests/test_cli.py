@@ -1,0 +1,71 @@
+"""The real entry point end to end: fit -> test round trip, exact resume, every config parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, quiet, run_cli, summary
+from lightning_modules import Baseline
+
+TINY = [
+    "--config", str(ROOT / "configs/moons/baseline.yaml"),
+    "--model.init_args.net.init_args.dropout=0.2",  # exercises the RNG on resume
+    "--trainer.log_every_n_steps=1",
+]
+
+
+def last_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def test_fit_then_test_round_trip(in_tmp):
+    cli = run_cli("fit", *TINY, "--trainer.max_epochs=3", *quiet(in_tmp))
+    run_dir = Path(cli.trainer.log_dir)
+    fitted = summary(run_dir)
+    assert fitted["technique"] == "baseline" and fitted["dataset"] == "moons" and fitted["epochs"] == 3
+    assert fitted["params"] == {k: 2338 for k in ("total", "trainable", "nonzero", "dense_equivalent")}
+    assert fitted["flops_per_sample"] == 2 * (2 * 64 + 64 * 32 + 32 * 2)
+    assert 0.5 < fitted["metrics"]["test/acc"] <= 1.0 and fitted["train_seconds"] > 0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert "/" not in best.name and best.name.startswith("best-epoch")
+
+    tested = run_cli("test", *TINY, f"--ckpt_path={best}", *quiet(in_tmp, "tested"))
+    again = summary(Path(tested.trainer.log_dir))
+    assert again["metrics"]["test/acc"] == fitted["metrics"]["test/acc"]
+    assert again["epochs"] == fitted["epochs"] and again["stage"] == "test"
+
+    # the checkpoint alone rebuilds the model, linked input shape and class count included
+    model = Baseline.load_from_checkpoint(best)
+    assert model.input_shape == (2,) and model.num_classes == 2
+
+
+def test_resume_from_last_equals_an_uninterrupted_run(in_tmp):
+    straight = run_cli("fit", *TINY, "--trainer.max_epochs=4", "--test_after_fit=false", *quiet(in_tmp / "a"))
+    run_cli("fit", *TINY, "--trainer.max_epochs=2", "--test_after_fit=false", *quiet(in_tmp / "b"))
+    resumed = run_cli("fit", *TINY, "--trainer.max_epochs=4", "--ckpt_path=last", "--test_after_fit=false", *quiet(in_tmp / "b"))
+    assert Path(resumed.trainer.log_dir).name == "version_0"  # continued in the same run directory
+    a, b = last_state(Path(straight.trainer.log_dir)), last_state(Path(resumed.trainer.log_dir))
+    assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    moments = lambda ckpt: [t for s in ckpt["optimizer_states"][0]["state"].values() for t in s.values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b), strict=True))
+
+
+def test_resume_last_without_a_previous_run_says_so(in_tmp):
+    with pytest.raises(SystemExit, match="no checkpoints/last.ckpt"):
+        run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(ROOT / config), "--print_config")
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_modules." in printed and "class_path: datamodules." in printed
