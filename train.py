@@ -47,9 +47,8 @@ class MorphLabCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint at the end.")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            self._resume_into_last_version(config)
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self._resume_into_last_version(self.config.fit)
 
     @staticmethod
     def _resume_into_last_version(config) -> None:
@@ -71,7 +70,8 @@ class MorphLabCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def main(args: list[str] | None = None) -> MorphLabCLI:
+def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
+    """Build the CLI from ``args`` (default: ``sys.argv``); ``run=False`` only instantiates (no subcommand)."""
     return MorphLabCLI(
         ClassificationModule,
         LightningDataModule,
@@ -81,6 +81,7 @@ def main(args: list[str] | None = None) -> MorphLabCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": LOGGER_DEFAULT, "log_every_n_steps": 10},
         args=args,
+        run=run,
     )
 
 

@@ -1,0 +1,93 @@
+"""Framework overhead: train.py's machinery vs a plain PyTorch loop, same model, same tensors, one process.
+
+Both train the MLP of ``--config`` on the datamodule's in-memory training tensors with the same batch size and
+optimiser and evaluate on the same validation split every epoch. The Lightning side is exactly what
+``python train.py fit --config ...`` builds (logger, checkpointing, metrics, progress bar, summaries); the plain
+side is a bare loop over index batches. Epochs alternate plain / Lightning / plain so that machine noise hits
+both; the script prints median seconds per epoch and the ratio.
+
+    python benchmarks/overhead.py --config configs/fashion_mnist/baseline.yaml --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+
+
+class EpochTimer(Callback):
+    """Wall time from a training epoch's start to its end (its validation and checkpoint included)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def plain_epochs(cli: train.MorphLabCLI, epochs: int) -> list[float]:
+    """A bare training loop over the same tensors with a fresh copy of the same network and optimiser."""
+    dm = cli.datamodule
+    torch.manual_seed(0)
+    net = cli.model.build_network(cli.model.net_factory)
+    optimizer = cli.model.optimizer_factory(net.parameters())
+    (x_train, y_train), (x_val, y_val) = dm.splits["train"], dm.splits["val"]
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        net.train()
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(order), dm.batch_size):
+            idx = order[i : i + dm.batch_size]
+            loss = F.cross_entropy(net(dm.batch_transform(x_train[idx], True)), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.inference_mode():
+            for i in range(0, len(x_val), dm.eval_batch_size):
+                net(dm.batch_transform(x_val[i : i + dm.eval_batch_size], False)).argmax(-1).eq(y_val[i : i + dm.eval_batch_size]).sum()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion_mnist/baseline.yaml")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per block (plain, Lightning, plain)")
+    args, extra = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = train.main(
+            ["--config", args.config, f"--trainer.max_epochs={args.epochs}", f"--trainer.logger.init_args.save_dir={tmp}", *extra],
+            run=False,
+        )
+        cli.datamodule.setup("fit")
+        plain = plain_epochs(cli, 1)  # warm-up, not counted
+        plain = plain_epochs(cli, args.epochs)
+        timer = EpochTimer()
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        plain += plain_epochs(cli, args.epochs)
+    plain_median, lightning_median = statistics.median(plain), statistics.median(timer.seconds)
+    print(f"threads: {torch.get_num_threads()}  config: {args.config}")
+    print(f"plain PyTorch loop : {plain_median:.3f} s/epoch  (epochs: {', '.join(f'{t:.2f}' for t in plain)})")
+    print(f"train.py machinery : {lightning_median:.3f} s/epoch  (epochs: {', '.join(f'{t:.2f}' for t in timer.seconds)})")
+    print(f"ratio (train.py / plain): {lightning_median / plain_median:.3f}")
+
+
+if __name__ == "__main__":
+    main()
