@@ -1,0 +1,39 @@
+# morphlab: one-command set-up, main job and tests. Every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data run test test-slow bench tensorboard clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --no-compile --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+# Real FashionMNIST offline: Debian's dataset-fashion-mnist (needs root). Elsewhere torchvision downloads it.
+data:
+	@if [ ! -f $(FASHION_DEBIAN) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing the Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+run: install data
+	$(PY) train.py fit --config configs/fashion_mnist/baseline.yaml
+
+test: install data
+	$(PY) -m pytest
+
+test-slow: install data
+	$(PY) -m pytest -m slow
+
+bench: install data
+	$(PY) benchmarks/overhead.py --config configs/fashion_mnist/baseline.yaml
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean:
+	rm -rf runs .pytest_cache
