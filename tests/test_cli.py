@@ -69,3 +69,25 @@ def test_every_config_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: lightning_modules." in printed and "class_path: datamodules." in printed
+
+
+def test_predict_returns_one_class_per_test_sample(in_tmp):
+    cli = run_cli("fit", *TINY, "--trainer.max_epochs=1", "--test_after_fit=false", *quiet(in_tmp))
+    best = cli.trainer.checkpoint_callback.best_model_path
+    predicted = run_cli("predict", *TINY, f"--ckpt_path={best}", *quiet(in_tmp, "predict"))
+    batches = predicted.trainer.predict_loop.predictions
+    labels = torch.cat(batches)
+    assert labels.shape == (120,) and labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_fashion_mnist_resume_equals_uninterrupted(in_tmp):
+    """The acceptance check of the foundation on real data: 2 epochs + resume to 4 == 4 epochs."""
+    config = ["--config", str(ROOT / "configs/fashion_mnist/baseline.yaml"), "--test_after_fit=false", f"--data.init_args.root={ROOT / 'data'}"]
+    straight = run_cli("fit", *config, "--trainer.max_epochs=4", *quiet(in_tmp / "a"))
+    run_cli("fit", *config, "--trainer.max_epochs=2", *quiet(in_tmp / "b"))
+    resumed = run_cli("fit", *config, "--trainer.max_epochs=4", "--ckpt_path=last", *quiet(in_tmp / "b"))
+    a, b = last_state(Path(straight.trainer.log_dir)), last_state(Path(resumed.trainer.log_dir))
+    assert a["global_step"] == b["global_step"] == 4 * 422
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
