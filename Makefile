@@ -8,9 +8,10 @@ FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --no-compile --disable-pip-version-check -q -r requirements.txt
+	$(VENV)/bin/pip install --no-compile --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Real FashionMNIST offline: Debian's dataset-fashion-mnist (needs root). Elsewhere torchvision downloads it.
