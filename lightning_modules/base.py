@@ -34,10 +34,16 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from datamodules.tensor_data import global_seed
-from models.accounting import flops_per_sample, model_bytes, parameter_counts
+from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
 
 NetworkFactory = Callable[[Sequence[int], int], nn.Module]
 """A network class given in YAML by ``class_path``/``init_args``; called as ``net(input_shape, num_classes)``."""
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)
 
 
 class ClassificationModule(LightningModule):
@@ -70,7 +76,9 @@ class ClassificationModule(LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.net_factory = net
         self.net = self.build_network(net)
-        self.example_input_array = torch.zeros(1, *self.input_shape)
+        example = getattr(self.net, "example_input", None)
+        # a dict input is wrapped in a tuple so that Lightning passes it as one positional argument
+        self.example_input_array = (example(),) if callable(example) else torch.zeros(1, *self.input_shape)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -105,6 +113,10 @@ class ClassificationModule(LightningModule):
     def deployed_model(self) -> nn.Module:
         """The network as it would be deployed (techniques with an export return the exported model)."""
         return self.net
+
+    def dense_equivalent_parameters(self) -> int:
+        """Parameters of the same architecture without sharing/masking/collapse (models.accounting)."""
+        return count_dense_equivalent(self.net)
 
     # --- forward and steps ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -208,16 +220,38 @@ class ClassificationModule(LightningModule):
 
     # --- accounting and summary -----------------------------------------------------------------------------
     def accounting(self) -> dict[str, Any]:
-        """Parameter counts, FLOPs per sample and bytes of the deployed model."""
+        """Parameter counts (DESIGN.md), FLOPs per sample and bytes.
+
+        ``total``/``trainable`` describe the network as trained; ``nonzero``, FLOPs and bytes the deployed one.
+        """
+        params = list(self.net.parameters())
         model = self.deployed_model()
         was_training = model.training
         model.eval()
-        example = self.example_input_array.to(self.device)
-        flops = flops_per_sample(lambda: model(example), batch_size=example.shape[0])
+        example = self.example_input_array
+        example = tuple(_to_device(e, self.device) for e in example) if isinstance(example, tuple) else (_to_device(example, self.device),)
+        flops = flops_per_sample(lambda: model(*example), batch_size=1)
         model.train(was_training)
-        return {"params": parameter_counts(model), "flops_per_sample": flops, "model_bytes": model_bytes(model)}
+        counts = {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "nonzero": count_nonzero(model),
+            "dense_equivalent": self.dense_equivalent_parameters(),
+        }
+        return {"params": counts, "flops_per_sample": flops, "model_bytes": model_bytes(model)}
+
+    def _prepare_cache(self) -> None:
+        """Let the network precompute per-sample features it keeps frozen (e.g. a BERT's frozen bottom)."""
+        prepare = getattr(self.net, "prepare_cache", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(prepare) and hasattr(datamodule, "all_inputs"):
+            prepare(datamodule.all_inputs())
+
+    def on_test_start(self) -> None:
+        self._prepare_cache()
 
     def on_fit_start(self) -> None:
+        self._prepare_cache()
         facts = self.accounting()
         metrics = {f"params/{k}": float(v) for k, v in facts["params"].items()}
         metrics["params/flops_per_sample"] = float(facts["flops_per_sample"])

@@ -62,13 +62,28 @@ def test_resume_last_without_a_previous_run_says_so(in_tmp):
         run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
 
 
-@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")))
-def test_every_config_parses(config, capsys):
+EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "presets")
+PRESETS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/presets").glob("*.yaml"))
+
+
+def print_config(capsys, *configs: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", str(ROOT / config), "--print_config")
+        run_cli("fit", *(arg for c in configs for arg in ("--config", str(ROOT / c))), "--print_config")
     assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS)
+def test_every_config_parses(config, capsys):
+    printed = print_config(capsys, config)
     assert "class_path: lightning_modules." in printed and "class_path: datamodules." in printed
+    assert f"name: {config[len('configs/'):-len('.yaml')]}" in printed  # runs land in runs/<dataset>/<config>
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_with_an_experiment(preset, capsys):
+    printed = print_config(capsys, "configs/fashion_mnist/morphreuse.yaml", preset)
+    assert "class_path: models.SharedCoreMLP" in printed
 
 
 def test_predict_returns_one_class_per_test_sample(in_tmp):
