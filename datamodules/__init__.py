@@ -3,6 +3,7 @@
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.mnist import MNISTDataModule
+from datamodules.sst2 import SST2DataModule
 from datamodules.tabular import TabularDataModule
 from datamodules.tensor_data import TensorDataModule
 
@@ -13,4 +14,5 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "TabularDataModule",
+    "SST2DataModule",
 ]

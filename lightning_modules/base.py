@@ -240,6 +240,14 @@ class ClassificationModule(LightningModule):
         }
         return {"params": counts, "flops_per_sample": flops, "model_bytes": model_bytes(model)}
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_encoder, net_encoder = getattr(datamodule, "encoder_name", None), getattr(self.net, "encoder_name", None)
+        if data_encoder and net_encoder and data_encoder != net_encoder:
+            raise ValueError(
+                f"data.encoder tokenizes for {data_encoder} but the model's encoder is {net_encoder}; set both to the same value."
+            )
+
     def _prepare_cache(self) -> None:
         """Let the network precompute per-sample features it keeps frozen (e.g. a BERT's frozen bottom)."""
         prepare = getattr(self.net, "prepare_cache", None)

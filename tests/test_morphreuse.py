@@ -44,7 +44,7 @@ def tinybert_models():
         "lora": LoRA(net=bert(trainable_top_layers=0), input_shape=(64,), num_classes=2, r=4, alpha=8,
                      target_modules=BERT_TARGETS, modules_to_save=["classifier"]),
         "lora_top2": LoRA(net=bert(trainable_top_layers=0), input_shape=(64,), num_classes=2, r=4, alpha=8,
-                          target_modules=BERT_TARGETS, modules_to_save=["classifier"], layers_to_transform=[2, 3], layers_pattern="layer"),
+                          target_modules=BERT_TARGETS, modules_to_save=["classifier"], layers_to_transform=[-2, -1], layers_pattern="layer"),
     }
 
 
