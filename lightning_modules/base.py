@@ -123,6 +123,10 @@ class ClassificationModule(LightningModule):
         return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.training_loss(batch)
+
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Cross-entropy + ``regularization()`` on one batch, with training metrics accumulated."""
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)

@@ -4,6 +4,8 @@ from models.backbone import BackboneClassifier
 from models.bert import BertClassifier
 from models.convnet import ConvNet
 from models.mlp import MLP
+from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
 
-__all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert"]
+__all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
+           "MorphoMLP", "MorphoCNN", "MorphoTransformer"]

@@ -1,0 +1,88 @@
+"""Pictures of learned connectivity: per-layer hard masks and the sparsity/temperature history.
+
+TensorBoard gets one image per masked layer every ``every_n_epochs`` (white = connection on). At the end of fit
+``connectivity.png`` (the final masks) and ``history.png`` (per-layer sparsity and temperature per epoch) are
+written next to the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+
+
+def mask_image(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's hard mask as a 2-D {0, 1} image (conv masks: one row per output filter)."""
+    hard = (layer.mask_logits > 0).float().detach().cpu()
+    return hard.reshape(hard.shape[0], -1)
+
+
+class ConnectivityImages(Callback):
+    """Log mask images and keep a per-epoch history of sparsity and temperature.
+
+    Args:
+        every_n_epochs: how often the images go to TensorBoard.
+    """
+
+    def __init__(self, every_n_epochs: int = 10) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"ConnectivityImages.every_n_epochs must be >= 1, got {every_n_epochs}.")
+        self.every_n_epochs = every_n_epochs
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        layers = pl_module.net.morpho_layers()
+        temperature = float(layers[0].temperature) if layers else float("nan")
+        self.history.append(
+            {"epoch": trainer.current_epoch, "temperature": temperature, "sparsity": [1.0 - float(layer.density()) for layer in layers]}
+        )
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero:
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                for index, layer in enumerate(layers):
+                    experiment.add_image(f"compact/mask_layer{index}", mask_image(layer)[None], trainer.current_epoch)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not trainer.log_dir:
+            return
+        out = Path(trainer.log_dir)
+        layers = pl_module.net.morpho_layers()
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), squeeze=False)
+        for index, (ax, layer) in enumerate(zip(axes[0], layers)):
+            image = mask_image(layer)
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.set_title(f"layer {index}: {image.shape[0]}x{image.shape[1]}, {100 * float(image.mean()):.1f}% on")
+            ax.set_xlabel("input connection")
+            ax.set_ylabel("output unit")
+        fig.tight_layout()
+        fig.savefig(out / "connectivity.png", dpi=100)
+        plt.close(fig)
+        if not self.history:
+            return
+        fig, left = plt.subplots(figsize=(7, 4))
+        epochs = [h["epoch"] + 1 for h in self.history]
+        for index in range(len(self.history[0]["sparsity"])):
+            left.plot(epochs, [h["sparsity"][index] for h in self.history], label=f"layer {index} sparsity")
+        left.set_xlabel("epoch")
+        left.set_ylabel("hard sparsity (fraction of connections off)")
+        right = left.twinx()
+        right.plot(epochs, [h["temperature"] for h in self.history], "k--", label="temperature")
+        right.set_ylabel("temperature T")
+        handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        left.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "history.png", dpi=100)
+        plt.close(fig)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])

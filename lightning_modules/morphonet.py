@@ -1,0 +1,194 @@
+"""MorphoNet: learned connection masks ``W * sigmoid(M / T)`` (spec: shared/specs/morphreuse_morphonet.md section 2).
+
+The network (``models.morphonet``) holds weights W and mask logits M. This module trains both with two
+optimisers stepped together after one backward pass (manual optimisation): AdamW on the weights (``weight_lr``,
+``weight_decay``, cosine LR over the run) and Adam on the mask logits (``mask_lr``, no weight decay), the
+gradient norm of all parameters clipped jointly. Callbacks drive the rest: ``TemperatureAnnealing`` sets T,
+``SparsityScheduler`` sets the target density, ``ProgressivePruning`` prunes during training.
+
+Sparsity penalty, by ``mode``:
+
+* ``parity`` (spec 2.1-2.5): ``R = lambda * sum_l mean(sigmoid(M_l / T))``, constant lambda (0.002). It barely
+  acts: the upstream masks densify during training (spec 2.9).
+* ``intended`` (spec 2.6): ``R = lambda * N * (D - d_t)^2`` where D is the mean soft density over all N masked
+  connections and ``d_t = 1 - s_t`` the scheduled target density. Scaling by N makes the push on each
+  connection, ``2 lambda (D - d_t) sigmoid'(M/T) / T``, independent of the network's size, so one lambda
+  controls the achieved sparsity on Moons and on FashionMNIST alike. Masks are frozen during the scheduler's
+  warm-up.
+
+Evaluation (``eval_mask``): ``soft`` (parity: the soft-masked model, as upstream reports), ``hard`` (M > 0) or
+``exported`` (default in intended mode): the final prune, the hard mask folded into plain layers and dead
+units removed (``models.morphonet_export.export_pruned``) - the physically smaller model that is deployed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_modules.base import ClassificationModule, NetworkFactory
+from models.morphonet_export import export_pruned, export_summary
+from models.plain_export import save_exported
+
+
+class MorphoNet(ClassificationModule):
+    """Learned-mask training; see the module docstring.
+
+    Args:
+        net, input_shape, num_classes: see ``ClassificationModule`` (a ``models.morphonet`` network).
+        mode: ``parity`` or ``intended`` (the sparsity penalty above).
+        weight_lr, weight_decay: AdamW on the weights (cosine-annealed over ``trainer.max_epochs``).
+        mask_lr: Adam on the mask logits (constant, no weight decay).
+        grad_clip: joint gradient-norm clip over all parameters (0 disables).
+        sparsity_weight: lambda of the penalty (parity 0.002; intended default 0.05).
+        final_prune_threshold: before export, entries with sigmoid(M/T) below this are pruned (spec: 0.2).
+        eval_mask: ``soft``, ``hard`` or ``exported`` (validation and test); default: soft in parity, exported in
+            intended mode. Validation during training uses the hard mask whenever eval_mask is not soft.
+    """
+
+    technique = "morphonet"
+
+    def __init__(
+        self,
+        net: NetworkFactory,
+        input_shape: Sequence[int],
+        num_classes: int,
+        mode: Literal["parity", "intended"] = "parity",
+        weight_lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        mask_lr: float = 0.02,
+        grad_clip: float = 5.0,
+        sparsity_weight: float | None = None,
+        final_prune_threshold: float = 0.2,
+        eval_mask: Literal["soft", "hard", "exported"] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if mode not in ("parity", "intended"):
+            raise ValueError(f"model.mode must be parity or intended; got {mode!r}.")
+        if eval_mask not in (None, "soft", "hard", "exported"):
+            raise ValueError(f"model.eval_mask must be one of soft, hard, exported; got {eval_mask!r}.")
+        for name, value in (("weight_lr", weight_lr), ("mask_lr", mask_lr)):
+            if value <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {value}.")
+        if sparsity_weight is not None and sparsity_weight < 0:
+            raise ValueError(f"model.sparsity_weight (lambda) must be >= 0, got {sparsity_weight}.")
+        if not 0.0 <= final_prune_threshold < 1.0:
+            raise ValueError(f"model.final_prune_threshold must be in [0, 1), got {final_prune_threshold}.")
+        super().__init__(net, input_shape, num_classes, optimizer or torch.optim.AdamW, lr_scheduler)
+        self.automatic_optimization = False
+        self.mode = mode
+        self.weight_lr, self.weight_decay, self.mask_lr, self.grad_clip = weight_lr, weight_decay, mask_lr, grad_clip
+        self.sparsity_weight = sparsity_weight if sparsity_weight is not None else (0.002 if mode == "parity" else 0.05)
+        self.final_prune_threshold = final_prune_threshold
+        self.eval_mask = eval_mask or ("soft" if mode == "parity" else "exported")
+        # set by SparsityScheduler (intended mode); None means "no target": the parity penalty applies
+        self.target_density: float | None = None
+        self.masks_frozen = False
+        self.density_at_start: float | None = None
+        self._exported: nn.Module | None = None
+
+    # --- loss -----------------------------------------------------------------------------------------------
+    def regularization(self) -> Tensor:
+        if self.mode == "parity" or self.target_density is None:
+            return self.sparsity_weight * self.net.mask_penalty()
+        masks = [layer.soft_mask() for layer in self.net.morpho_layers()]
+        total = sum(m.numel() for m in masks)
+        density = sum(m.sum() for m in masks) / total
+        return self.sparsity_weight * total * (density - self.target_density) ** 2
+
+    # --- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        weights = torch.optim.AdamW(self.net.weight_parameters(), lr=self.weight_lr, weight_decay=self.weight_decay)
+        masks = torch.optim.Adam(self.net.mask_parameters(), lr=self.mask_lr)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(weights, T_max=max(self.trainer.max_epochs or 1, 1))
+        return [weights, masks], [cosine]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        weights, masks = self.optimizers()
+        loss = self.training_loss(batch)
+        weights.zero_grad()
+        masks.zero_grad()
+        self.manual_backward(loss)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.grad_clip)
+        weights.step()
+        if not self.masks_frozen:
+            masks.step()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.lr_schedulers().step()
+        super().on_train_epoch_end()
+        self.log("compact/density", self.net.weighted_density())
+        self.log("compact/sparsity", 1.0 - self.net.weighted_density())
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def export(self) -> nn.Module:
+        """Final prune (on a copy), hard mask folded in, dead units removed: the deployed model."""
+        return export_pruned(self.net, prune_threshold=self.final_prune_threshold)
+
+    def deployed_model(self) -> nn.Module:
+        return self.export()
+
+    def _set_eval_mask(self) -> None:
+        self.net.set_mask_mode("soft" if self.eval_mask == "soft" else "hard")
+
+    def on_validation_start(self) -> None:
+        self._set_eval_mask()
+
+    def on_validation_end(self) -> None:
+        self.net.set_mask_mode("soft")
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._set_eval_mask()
+        self._exported = self.export().to(self.device).eval() if self.eval_mask == "exported" else None
+
+    def on_test_end(self) -> None:
+        self.net.set_mask_mode("soft")
+        super().on_test_end()
+        self._exported = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._exported is not None and not self.training:
+            return self._exported(x)
+        return self.net(x)
+
+    # --- bookkeeping ----------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.density_at_start is None:
+            self.density_at_start = float(self.net.weighted_density())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["morphlab"]["density_at_start"] = self.density_at_start
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.density_at_start = checkpoint.get("morphlab", {}).get("density_at_start")
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        if self.trainer.global_rank == 0 and self.trainer.log_dir:
+            save_exported(self.export(), Path(self.trainer.log_dir) / "exported.pt")
+
+    def summary_extras(self) -> dict[str, Any]:
+        exported = self.export()
+        return {
+            "morphonet": {
+                "mode": self.mode,
+                "eval_mask": self.eval_mask,
+                "hard_sparsity_start": None if self.density_at_start is None else 1.0 - self.density_at_start,
+                "hard_sparsity_end": 1.0 - float(self.net.weighted_density()),
+                "layer_density": [round(float(layer.density()), 4) for layer in self.net.morpho_layers()],
+                "mask_on": int(sum(int((layer.mask_logits > 0).sum()) for layer in self.net.morpho_layers())),
+                "export": export_summary(self.net, exported),
+            }
+        }

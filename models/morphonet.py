@@ -1,0 +1,464 @@
+"""MorphoNet Pro: learned connection masks ``W * sigmoid(M / T)`` (spec: shared/specs/morphreuse_morphonet.md 2.1-2.6).
+
+Every masked layer holds dense weights W (He-normal), a bias b (zeros) and trainable mask logits M, each entry
++2 with probability ``init_density`` and -2 otherwise (so the hard sparsity at init is 1 - init_density). The
+forward pass multiplies W by the soft mask sigmoid(M / T) (``mask_mode="soft"``, training) or by the hard mask
+1[M > 0] (``"hard"``, evaluation; independent of T). T is a persistent buffer set from outside
+(``set_temperature``). ``prune_(tau)`` pins every entry with sigmoid(M / T) < tau to M = -100 (W untouched).
+
+The networks (``MorphoMLP``, ``MorphoCNN``, ``MorphoTransformer``) share one interface (``MorphoNetwork``):
+``morpho_layers``, ``set_temperature``, ``set_mask_mode``, ``density``, ``weighted_density``, ``mask_penalty``,
+``prune_``, ``mask_parameters`` / ``weight_parameters``. The deployed model (hard mask folded in, dead units
+removed) is built by ``models.morphonet_export.export_pruned``.
+
+Parameter accounting (``models.accounting``): a masked layer's dense equivalent is W and b only (mask logits and
+skip gates are not part of the dense architecture); its non-zero count is #(W * 1[M > 0] != 0) + #(b != 0)
+(+1 for a skip gate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PRUNED_LOGIT = -100.0
+MASK_PARAMETER_NAMES = ("mask_logits", "skip_gate", "head_logits")
+MaskMode = Literal["soft", "hard"]
+
+
+def check_temperature(t: float) -> float:
+    t = float(t)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {t}.")
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class MaskedLayer(nn.Module):
+    """What MorphoLinear and MorphoConv2d share: mask logits, the temperature buffer, soft/hard mask, prune.
+
+    ``weights_per_mask_entry`` is how many weights one mask entry gates (1 for a linear layer, the number of
+    input channels for a convolution, whose spatial mask is shared across them).
+    """
+
+    weights_per_mask_entry = 1
+
+    def __init__(
+        self, weight_shape: tuple[int, ...], mask_shape: tuple[int, ...], fan_in: int, init_density: float, bias: bool
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= init_density <= 1.0:
+            raise ValueError(f"init_density must be in [0, 1], got {init_density}.")
+        self.weight = nn.Parameter(torch.randn(weight_shape) * math.sqrt(2.0 / fan_in))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.mask_logits = nn.Parameter(torch.where(torch.rand(mask_shape) < init_density, 2.0, -2.0))
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_parameter("skip_gate", None)
+        self._mask_mode: MaskMode = "soft"
+
+    @property
+    def mask_mode(self) -> MaskMode:
+        return self._mask_mode
+
+    @mask_mode.setter
+    def mask_mode(self, mode: MaskMode) -> None:
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mask_mode must be soft or hard, got {mode!r}.")
+        self._mask_mode = mode
+
+    def set_temperature(self, t: float) -> None:
+        self.temperature.fill_(check_temperature(t))
+
+    def soft_mask(self) -> Tensor:
+        return torch.sigmoid(self.mask_logits / self.temperature)
+
+    def hard_mask(self) -> Tensor:
+        return (self.mask_logits > 0).to(self.mask_logits.dtype)
+
+    def mask(self) -> Tensor:
+        """The mask of the current ``mask_mode``, shaped like ``mask_logits``."""
+        return self.soft_mask() if self._mask_mode == "soft" else self.hard_mask()
+
+    def expand_mask(self, mask: Tensor) -> Tensor:
+        """A mask broadcast to the weight's shape."""
+        return mask
+
+    def masked_weight(self, hard: bool = False) -> Tensor:
+        return self.weight * self.expand_mask(self.hard_mask() if hard else self.mask())
+
+    def density(self) -> float:
+        """Fraction of mask entries that are on (M > 0)."""
+        return float((self.mask_logits > 0).float().mean())
+
+    def mask_penalty(self) -> Tensor:
+        """mean(sigmoid(M / T)), differentiable (the parity L1 penalty before lambda)."""
+        return self.soft_mask().mean()
+
+    @torch.no_grad()
+    def prune_(self, threshold: float) -> int:
+        """Set M := -100 where sigmoid(M / T) < threshold; return how many entries changed."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"prune threshold must be in [0, 1], got {threshold}.")
+        selected = self.soft_mask() < threshold
+        newly = int((selected & (self.mask_logits != PRUNED_LOGIT)).sum())
+        self.mask_logits[selected] = PRUNED_LOGIT
+        return newly
+
+    @torch.no_grad()
+    def count_nonzero_parameters(self) -> int:
+        count = int(torch.count_nonzero(self.masked_weight(hard=True)))
+        count += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
+        return count + (0 if self.skip_gate is None else 1)
+
+    def count_dense_equivalent_parameters(self) -> int:
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+
+class MorphoLinear(MaskedLayer):
+    """``y = x (W * mask)^T + b [+ sigmoid(g) x]``; the gated skip exists only when ``skip`` and in == out."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, init_density: float = 0.4, skip: bool = False
+    ) -> None:
+        super().__init__((out_features, in_features), (out_features, in_features), in_features, init_density, bias)
+        self.in_features, self.out_features = in_features, out_features
+        if skip and in_features == out_features:
+            self.skip_gate = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.masked_weight(), self.bias)
+        if self.skip_gate is not None:
+            y = y + torch.sigmoid(self.skip_gate) * x
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, skip={self.skip_gate is not None}"
+
+
+class MorphoConv2d(MaskedLayer):
+    """Conv2d (padding k // 2) with one learned spatial k x k mask per output filter, shared across input
+    channels. Unlike upstream, ``stride`` is honoured."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, init_density: float = 0.4
+    ) -> None:
+        if kernel_size < 1 or stride < 1:
+            raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size} and {stride}.")
+        k = kernel_size
+        shape = (out_channels, in_channels, k, k)
+        super().__init__(shape, (out_channels, k, k), in_channels * k * k, init_density, True)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding = stride, k // 2
+        self.weights_per_mask_entry = in_channels
+
+    def expand_mask(self, mask: Tensor) -> Tensor:
+        return mask.unsqueeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.masked_weight(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (fused qkv Linear(d, 3d), output Linear(d, d)), plain torch.
+
+    ``key_padding_mask`` (B x L, True = real token) sets padded keys' scores to -inf; a sequence with no real
+    token at all attends uniformly instead of producing NaN. Subclasses may scale each head's scores
+    (``head_scale``).
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads}).")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def head_scale(self) -> Tensor | None:
+        return None
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        scale = self.head_scale()
+        if scale is not None:
+            scores = scores * scale.view(1, -1, 1, 1)
+        if key_padding_mask is not None:
+            keep = key_padding_mask.bool()
+            keep = keep | ~keep.any(-1, keepdim=True)
+            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, self.d_model)
+        return self.proj(out)
+
+
+class MorphoAttention(SelfAttention):
+    """Self-attention whose head h's scores are multiplied by sigmoid(m_h / T) before the softmax (spec 2.2
+    parity: this rescales the head's softmax temperature, it cannot switch the head off). ``head_logits``
+    m ~ N(0, 0.1^2) are mask parameters; the head scale is the same in soft and hard mask mode, and export
+    folds it into the query projection. No prune."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__(d_model, n_heads)
+        self.head_logits = nn.Parameter(torch.randn(n_heads) * 0.1)
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def set_temperature(self, t: float) -> None:
+        self.temperature.fill_(check_temperature(t))
+
+    def head_scale(self) -> Tensor:
+        return torch.sigmoid(self.head_logits / self.temperature)
+
+    def mask_penalty(self) -> Tensor:
+        return self.head_scale().mean()
+
+    def count_dense_equivalent_parameters(self) -> int:
+        return sum(p.numel() for m in (self.qkv, self.proj) for p in m.parameters())
+
+    @torch.no_grad()
+    def count_nonzero_parameters(self) -> int:
+        return sum(int(torch.count_nonzero(p)) for m in (self.qkv, self.proj) for p in m.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Networks
+
+
+class MorphoNetwork(nn.Module):
+    """The interface shared by the MorphoNet networks (used by the LightningModule, callbacks and export)."""
+
+    def morpho_layers(self) -> list[MaskedLayer]:
+        """The masked layers (MorphoLinear, MorphoConv2d) in module order."""
+        return [m for m in self.modules() if isinstance(m, MaskedLayer)]
+
+    def attentions(self) -> list[MorphoAttention]:
+        return [m for m in self.modules() if isinstance(m, MorphoAttention)]
+
+    def set_temperature(self, t: float) -> None:
+        t = check_temperature(t)
+        for module in [*self.morpho_layers(), *self.attentions()]:
+            module.set_temperature(t)
+
+    def set_mask_mode(self, mode: MaskMode) -> None:
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mask mode must be soft or hard, got {mode!r}.")
+        for layer in self.morpho_layers():
+            layer.mask_mode = mode
+
+    def density(self) -> float:
+        """Unweighted mean over masked layers of the fraction of M > 0 (upstream's 1 - sparsity)."""
+        layers = self.morpho_layers()
+        return sum(layer.density() for layer in layers) / len(layers) if layers else 1.0
+
+    @torch.no_grad()
+    def weighted_density(self) -> float:
+        """Fraction of masked *weights* whose mask is on (a conv mask entry counts once per input channel)."""
+        on = total = 0
+        for layer in self.morpho_layers():
+            on += int((layer.mask_logits > 0).sum()) * layer.weights_per_mask_entry
+            total += layer.mask_logits.numel() * layer.weights_per_mask_entry
+        return on / total if total else 1.0
+
+    def mask_penalty(self) -> Tensor:
+        """Sum over masked layers (and attention head gates) of mean(sigmoid(M / T)): upstream's penalty / lambda."""
+        terms = [m.mask_penalty() for m in [*self.morpho_layers(), *self.attentions()]]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def prune_(self, threshold: float) -> int:
+        return sum(layer.prune_(threshold) for layer in self.morpho_layers())
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """Mask logits, skip gates and attention head logits (Adam, no weight decay, upstream)."""
+        return [p for n, p in self.named_parameters() if n.rpartition(".")[2] in MASK_PARAMETER_NAMES]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (AdamW, upstream)."""
+        return [p for n, p in self.named_parameters() if n.rpartition(".")[2] not in MASK_PARAMETER_NAMES]
+
+
+def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
+    widths = [int(w) for w in widths]
+    if not widths or any(w < 1 for w in widths):
+        raise ValueError(f"model.net.{name} must list at least one positive width, got {widths}.")
+    return widths
+
+
+class MorphoMLP(MorphoNetwork):
+    """Flatten -> [MorphoLinear -> (BatchNorm1d) -> ReLU -> (Dropout)] per hidden width -> dense Linear output.
+
+    Differences from upstream (``MorphoNetMLP``): BatchNorm, when on, follows *every* hidden MorphoLinear
+    (before the ReLU, as ``models.MLP``); upstream applies one BatchNorm1d after the last hidden ReLU. Dropout
+    follows the ReLU (upstream: inside the layer, before the skip term). A skip gate exists only for hidden
+    layers with in == out (none for the default [64, 32]).
+
+    Args:
+        input_shape: shape of one sample (flattened). num_classes: number of logits.
+        hidden: hidden widths (spec default [64, 32]).
+        init_density: initial probability that a mask entry is on.
+        skip: gated identity path sigmoid(g) x in hidden layers with in == out.
+        batch_norm: BatchNorm1d after each hidden MorphoLinear. dropout: after each hidden ReLU.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden: Sequence[int] = (64, 32),
+        init_density: float = 0.4,
+        skip: bool = True,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}.")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for out in _check_widths("hidden", hidden):
+            layers.append(MorphoLinear(width, out, init_density=init_density, skip=skip))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(out))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = out
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class MorphoCNN(MorphoNetwork):
+    """[MorphoConv2d -> ReLU -> AdaptiveAvgPool2d(4)] per channel count -> flatten -> MorphoLinear(C * 16 ->
+    hidden) -> ReLU -> dense Linear output.
+
+    As upstream (``MorphoNetCNN``), the 4 x 4 adaptive average pool follows *every* conv stage, so the second
+    conv already works on a 4 x 4 map. Args: input_shape ``(C, H, W)``; channels per conv stage (default
+    [32, 64]); hidden width of the masked linear layer; init_density; kernel_size of the convs.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 64,
+        init_density: float = 0.4,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"MorphoCNN needs image inputs (C, H, W); the datamodule gives {tuple(input_shape)}.")
+        layers: list[nn.Module] = []
+        in_ch = int(input_shape[0])
+        for out_ch in _check_widths("channels", channels):
+            conv = MorphoConv2d(in_ch, out_ch, kernel_size, init_density=init_density)
+            layers += [conv, nn.ReLU(), nn.AdaptiveAvgPool2d(4)]
+            in_ch = out_ch
+        hidden = _check_widths("hidden", [hidden])[0]
+        fc = MorphoLinear(in_ch * 16, hidden, init_density=init_density)
+        layers += [nn.Flatten(), fc, nn.ReLU(), nn.Linear(hidden, num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class MorphoBlock(nn.Module):
+    """``x + Attn(LN1(x))`` then ``x + FF2(ReLU(FF1(LN2(x))))`` with dropout on both residual branches."""
+
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int, init_density: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d_model), MorphoAttention(d_model, n_heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff1 = MorphoLinear(d_model, ff_dim, init_density=init_density)
+        self.ff2 = MorphoLinear(ff_dim, d_model, init_density=init_density)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask))
+        return x + self.dropout(self.ff2(F.relu(self.ff1(self.norm2(x)))))
+
+
+class MorphoTransformer(MorphoNetwork):
+    """Embedding + learned positions -> n_layers ``MorphoBlock``s -> (masked) mean-pool -> dense Linear output.
+
+    Inputs: a dict batch ``{"input_ids": (B, L), "attention_mask": (B, L)}`` (or a LongTensor of ids) when
+    ``vocab_size`` is set, else a dense float tensor (B, L, F) with ``input_shape = (L, F)`` and a Linear F -> d
+    embedding. Padding (attention_mask 0) is excluded from attention keys and from the mean-pool.
+
+    Differences from upstream (``MorphoNetTransformer``): the width is ``d_model`` (upstream: n_heads * ff_dim / 2);
+    each block has its own pre-attention LayerNorm and a pre-FF LayerNorm (upstream shares one LayerNorm across all
+    blocks and has none before the FF); padding masks exist (upstream has none); dropout on the residual
+    branches; FF1 has no skip gate (upstream requests one, inactive at its default sizes). ``mask_penalty``
+    includes the attention head gates, as upstream's architecture loss does.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        vocab_size: int | None = 30522,
+        d_model: int = 128,
+        n_heads: int = 4,
+        ff_dim: int = 128,
+        n_layers: int = 2,
+        max_len: int = 512,
+        init_density: float = 0.4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.input_shape, self.vocab_size, self.max_len = tuple(int(s) for s in input_shape), vocab_size, max_len
+        if len(self.input_shape) != (1 if vocab_size is not None else 2):
+            want = "(max_length,) for token ids" if vocab_size is not None else "(length, features) for dense sequences"
+            raise ValueError(f"MorphoTransformer with vocab_size={vocab_size} needs input_shape {want}, "
+                             f"got {self.input_shape}.")
+        if self.input_shape[0] > max_len:
+            raise ValueError(f"model.net.max_len ({max_len}) must be >= the sequence length {self.input_shape[0]}.")
+        if n_layers < 1 or ff_dim < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.net needs n_layers >= 1, ff_dim >= 1, dropout in [0, 1); "
+                             f"got {n_layers}, {ff_dim}, {dropout}.")
+        dense = vocab_size is None
+        self.embedding = nn.Linear(self.input_shape[1], d_model) if dense else nn.Embedding(vocab_size, d_model)
+        self.pos_embedding = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        self.blocks = nn.ModuleList(
+            MorphoBlock(d_model, n_heads, ff_dim, init_density, dropout) for _ in range(n_layers)
+        )
+        self.output = nn.Linear(d_model, num_classes)
+
+    def example_input(self) -> dict[str, Tensor] | Tensor:
+        if self.vocab_size is None:
+            return torch.zeros(1, *self.input_shape)
+        ids = torch.full((1, self.input_shape[0]), min(100, self.vocab_size - 1), dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def forward(self, x: Mapping[str, Tensor] | Tensor) -> Tensor:
+        mask = None
+        if isinstance(x, Mapping):
+            x, mask = x["input_ids"], x.get("attention_mask")
+        if (self.vocab_size is None) == (not x.is_floating_point()):
+            want = "a float tensor (B, L, F)" if self.vocab_size is None else "token ids (a dict batch or a LongTensor)"
+            raise ValueError(f"MorphoTransformer with vocab_size={self.vocab_size} expects {want}, got {x.dtype}.")
+        h = self.embedding(x)
+        if h.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {h.shape[1]} exceeds model.net.max_len ({self.max_len}).")
+        h = h + self.pos_embedding[: h.shape[1]]
+        keep = None if mask is None else mask.bool()
+        for block in self.blocks:
+            h = block(h, keep)
+        if keep is None:
+            return self.output(h.mean(1))
+        weights = keep.unsqueeze(-1).to(h.dtype)
+        return self.output((h * weights).sum(1) / weights.sum(1).clamp(min=1.0))
