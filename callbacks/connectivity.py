@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
+from callbacks.schedules import is_last_batch  # noqa: E402
+
 
 def mask_image(layer: torch.nn.Module) -> torch.Tensor:
     """The layer's hard mask as a 2-D {0, 1} image (conv masks: one row per output filter)."""
@@ -37,7 +39,9 @@ class ConnectivityImages(Callback):
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, Any]] = []
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not is_last_batch(trainer, batch_idx):  # recorded before the epoch's checkpoint (see is_last_batch)
+            return
         layers = pl_module.net.morpho_layers()
         temperature = float(layers[0].temperature) if layers else float("nan")
         self.history.append(

@@ -41,3 +41,13 @@ def interpolate(start: float, end: float, p: float, shape: str) -> float:
     if shape == "exponential":
         return start * (end / start) ** p
     raise ValueError(f"schedule must be one of {', '.join(SHAPES)}; got {shape!r}.")
+
+
+def is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` ends the training epoch.
+
+    End-of-epoch changes to the network (pruning) happen here rather than in ``on_train_epoch_end``: Lightning
+    validates and checkpoints before ``on_train_epoch_end``, so a change made there would be missing from the
+    epoch's checkpoint and a resumed run would differ.
+    """
+    return batch_idx + 1 >= trainer.num_training_batches

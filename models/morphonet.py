@@ -278,6 +278,29 @@ class MorphoNetwork(nn.Module):
     def prune_(self, threshold: float) -> int:
         return sum(layer.prune_(threshold) for layer in self.morpho_layers())
 
+    @torch.no_grad()
+    def prune_to_density_(self, density: float) -> int:
+        """Switch off the on-connections with the lowest logits (all layers ranked together) until the weighted
+        density is at most ``density``; returns how many mask entries were pruned (M := -100)."""
+        layers = self.morpho_layers()
+        total = sum(layer.mask_logits.numel() * layer.weights_per_mask_entry for layer in layers)
+        excess = total * (self.weighted_density() - density)
+        if excess <= 0:
+            return 0
+        logits = torch.cat([layer.mask_logits.flatten() for layer in layers])
+        weights = torch.cat([torch.full((layer.mask_logits.numel(),), float(layer.weights_per_mask_entry)) for layer in layers])
+        on = torch.nonzero(logits > 0).flatten()
+        order = on[torch.argsort(logits[on], stable=True)]  # weakest first
+        count = int(torch.searchsorted(torch.cumsum(weights[order], 0), torch.tensor(excess - 1e-9)).item()) + 1
+        chosen = torch.zeros_like(logits, dtype=torch.bool)
+        chosen[order[:count]] = True
+        start = 0
+        for layer in layers:
+            size = layer.mask_logits.numel()
+            layer.mask_logits[chosen[start : start + size].view_as(layer.mask_logits)] = -100.0
+            start += size
+        return min(count, len(order))
+
     def mask_parameters(self) -> list[nn.Parameter]:
         """Mask logits, skip gates and attention head logits (Adam, no weight decay, upstream)."""
         return [p for n, p in self.named_parameters() if n.rpartition(".")[2] in MASK_PARAMETER_NAMES]

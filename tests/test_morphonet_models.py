@@ -368,3 +368,19 @@ def test_export_leaves_the_model_and_the_rng_alone():
     assert_same_logits(pruned, exported, torch.randn(4, 3))
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
     assert net.morpho_layers()[0].mask_mode == "soft"
+
+
+def test_prune_to_density_switches_off_the_weakest_connections_first():
+    from models import MorphoMLP
+
+    torch.manual_seed(0)
+    net = MorphoMLP((10,), 3, hidden=[20, 20], init_density=0.9)
+    with torch.no_grad():
+        for layer in net.morpho_layers():
+            layer.mask_logits.copy_(torch.randn_like(layer.mask_logits).abs() + 0.1)  # all on, distinct strengths
+    weakest = min(float(layer.mask_logits.min()) for layer in net.morpho_layers())
+    pruned = net.prune_to_density_(0.7)
+    assert pruned == round(0.3 * (200 + 400))
+    assert abs(net.weighted_density() - 0.7) < 1 / 600
+    survivors = torch.cat([layer.mask_logits[layer.mask_logits > 0] for layer in net.morpho_layers()])
+    assert survivors.min() > weakest and net.prune_to_density_(0.8) == 0
