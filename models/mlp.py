@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -15,6 +15,34 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
     return ACTIVATIONS[name]()
+
+
+def mlp_layers(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int],
+    make_linear: Callable[[int, int], nn.Module],
+    activation: str = "relu",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+) -> list[nn.Module]:
+    """``Flatten, [make_linear -> (BatchNorm1d) -> act -> (Dropout)] per hidden width, Linear`` (output dense)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}.")
+    if any(int(w) < 1 for w in hidden):
+        raise ValueError(f"model.net.hidden widths must be positive integers, got {list(hidden)}.")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for out in hidden:
+        layers.append(make_linear(width, int(out)))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(int(out)))
+        layers.append(make_activation(activation))
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(out)
+    layers.append(nn.Linear(width, num_classes))
+    return layers
 
 
 class MLP(nn.Module):
@@ -39,21 +67,7 @@ class MLP(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        if any(int(w) < 1 for w in hidden):
-            raise ValueError(f"hidden widths must be positive integers, got {list(hidden)}.")
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for out in hidden:
-            layers.append(nn.Linear(width, out))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(out))
-            layers.append(make_activation(activation))
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = out
-        layers.append(nn.Linear(width, num_classes))
+        layers = mlp_layers(math.prod(input_shape), num_classes, hidden, nn.Linear, activation, batch_norm, dropout)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

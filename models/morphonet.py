@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.mlp import mlp_layers
+
 PRUNED_LOGIT = -100.0
 MASK_PARAMETER_NAMES = ("mask_logits", "skip_gate", "head_logits")
 MaskMode = Literal["soft", "hard"]
@@ -344,19 +346,9 @@ class MorphoMLP(MorphoNetwork):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}.")
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for out in _check_widths("hidden", hidden):
-            layers.append(MorphoLinear(width, out, init_density=init_density, skip=skip))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(out))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = out
-        layers.append(nn.Linear(width, num_classes))
+        widths = _check_widths("hidden", hidden)
+        masked = lambda i, o: MorphoLinear(i, o, init_density=init_density, skip=skip)  # noqa: E731
+        layers = mlp_layers(math.prod(input_shape), num_classes, widths, masked, "relu", batch_norm, dropout)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
