@@ -3,13 +3,14 @@
 A thin LightningCLI: the model and the datamodule are chosen by ``class_path`` (subclass mode), the datamodule's
 input shape and class count are linked into the model, and the callbacks every run needs (checkpointing on
 ``val/acc``, LR monitor) are config sections of their own (``--checkpoint.*``, ``--lr_monitor.*``).
-``fit`` ends by testing the best checkpoint unless ``--test_after_fit false``; ``fit --ckpt_path last``
+``fit`` ends by testing the best checkpoint (``--test_ckpt last``: the last) unless ``--test_after_fit false``; ``fit --ckpt_path last``
 resumes the newest run of the same logger name in its own version directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -44,7 +45,13 @@ class MorphLabCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_argument("--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint at the end.")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="fit: test a checkpoint at the end.")
+        parser.add_argument(
+            "--test_ckpt",
+            type=Literal["best", "last"],
+            default="best",
+            help="fit: which checkpoint test_after_fit tests: best on the monitored metric, or last (e.g. the end of a pruning schedule).",
+        )
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
@@ -66,8 +73,11 @@ class MorphLabCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        callback = self.trainer.checkpoint_callback
+        path = ""
+        if callback is not None:
+            path = callback.best_model_path if self.config.fit.test_ckpt == "best" else callback.last_model_path
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
