@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_modules.base import ClassificationModule, NetworkFactory
@@ -68,8 +67,6 @@ class MorphoNet(ClassificationModule):
         sparsity_weight: float | None = None,
         final_prune_threshold: float = 0.2,
         eval_mask: Literal["soft", "hard", "exported"] | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if mode not in ("parity", "intended"):
             raise ValueError(f"model.mode must be parity or intended; got {mode!r}.")
@@ -82,7 +79,7 @@ class MorphoNet(ClassificationModule):
             raise ValueError(f"model.sparsity_weight (lambda) must be >= 0, got {sparsity_weight}.")
         if not 0.0 <= final_prune_threshold < 1.0:
             raise ValueError(f"model.final_prune_threshold must be in [0, 1), got {final_prune_threshold}.")
-        super().__init__(net, input_shape, num_classes, optimizer or torch.optim.AdamW, lr_scheduler)
+        super().__init__(net, input_shape, num_classes)  # the two optimisers are built in configure_optimizers
         self.automatic_optimization = False
         self.mode = mode
         self.weight_lr, self.weight_decay, self.mask_lr, self.grad_clip = weight_lr, weight_decay, mask_lr, grad_clip
