@@ -3,9 +3,19 @@
 from models.backbone import BackboneClassifier
 from models.bert import BertClassifier
 from models.convnet import ConvNet
+from models.layercollapse import (
+    CollapsibleBlock,
+    CollapsibleMLP,
+    collapse_chain,
+    collapse_sequential,
+    collapse_vgg_classifier,
+    convert_vgg_classifier,
+    convert_vit_mlp,
+)
 from models.mlp import MLP
 from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
-           "MorphoMLP", "MorphoCNN", "MorphoTransformer"]
+           "MorphoMLP", "MorphoCNN", "MorphoTransformer", "CollapsibleBlock", "CollapsibleMLP", "collapse_chain",
+           "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlp"]

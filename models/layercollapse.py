@@ -1,0 +1,304 @@
+"""LayerCollapse: single-slope PReLU blocks that can be folded into one Linear (spec: shared/specs/layercollapse_lrunet.md A).
+
+A ``CollapsibleBlock`` is ``fc1 -> PReLU(one slope a) -> Dropout -> (BatchNorm1d) -> fc2``. Training adds
+``lambda * sum (a - 1)^2`` (``CollapsibleMLP.penalty``) to pull the slopes towards 1; a block with
+``|a - 1| < tau`` is then replaced by one ``nn.Linear``. Collapse uses eval semantics and treats the slope as
+exactly 1, so the collapsed model equals the *linearised* model (slope forced to 1) up to rounding, and differs
+from the trained PReLU model by at most ``|a - 1| * ||W2|| * |min(z, 0)|`` (spec A5/A6).
+
+Algebra (A6), with the optional eval-mode BatchNorm written as the affine map ``z -> s * z + t``,
+``s = gamma / sqrt(running_var + eps)``, ``t = beta - s * running_mean``: a chain ``L_1, BN_1, L_2, ..., L_k``
+collapses to ``W = W_k diag(s_{k-1}) W_{k-1} ... W_1`` and the matching bias; dropout (identity in eval) is
+dropped. Missing biases count as zero. Not handled (rejected): per-channel PReLU, 1x1-conv MLPs, BN without
+running statistics.
+
+Conversions (A7): ``convert_vgg_classifier`` turns the two ReLUs of a torchvision VGG classifier into
+single-slope PReLUs with a0 = 0 (function preserving); ``collapse_vgg_classifier`` folds the runs of linear
+layers whose activations are within tau of 1 (both -> one ``Linear(25088, 1000)``). ``convert_vit_mlp``
+replaces the GELU of a torchvision ViT ``MLPBlock`` by PReLU(a0 = 0.01); this *changes* the function and needs
+fine-tuning before the slope is near 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _is_single_prelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.PReLU) and m.weight.numel() == 1
+
+
+def _bn_affine(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm1d as ``z -> s * z + t``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("collapse needs BatchNorm1d with running statistics (track_running_stats=True).")
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight
+    t = -s * bn.running_mean
+    if bn.bias is not None:
+        t = t + bn.bias
+    return s, t
+
+
+@torch.no_grad()
+def collapse_chain(linears: Sequence[nn.Linear], batchnorms: Sequence[nn.BatchNorm1d | None] | None = None) -> nn.Linear:
+    """One ``nn.Linear`` equal to ``L_k(BN_{k-1}(... BN_1(L_1 x)))`` in eval mode (``batchnorms[i]`` sits after
+    ``linears[i]``; ``None`` entries mean no norm). Products are formed from the output side, in the layers' dtype,
+    so the large input-side matrix is multiplied once (e.g. VGG: (1000x4096 @ 4096x4096) @ 4096x25088)."""
+    linears = list(linears)
+    if not linears:
+        raise ValueError("collapse_chain needs at least one Linear.")
+    norms = list(batchnorms) if batchnorms is not None else [None] * (len(linears) - 1)
+    if len(norms) != len(linears) - 1:
+        raise ValueError(f"expected {len(linears) - 1} batchnorm entries, got {len(norms)}.")
+    for a, b in zip(linears[:-1], linears[1:]):
+        if a.out_features != b.in_features:
+            raise ValueError(f"chain shape mismatch: {a.out_features} -> {b.in_features}.")
+    last = linears[-1]
+    weight = last.weight.detach().clone()
+    bias = last.bias.detach().clone() if last.bias is not None else weight.new_zeros(last.out_features)
+    for lin, bn in zip(reversed(linears[:-1]), reversed(norms)):
+        if bn is not None:  # W (s z + t) = (W diag s) z + W t
+            s, t = _bn_affine(bn)
+            bias = bias + weight @ t.to(weight)
+            weight = weight * s.to(weight)
+        if lin.bias is not None:
+            bias = bias + weight @ lin.bias.to(weight)
+        weight = weight @ lin.weight.to(weight)
+    out = nn.Linear(linears[0].in_features, last.out_features, device=weight.device, dtype=weight.dtype)
+    out.weight.copy_(weight)
+    out.bias.copy_(bias)
+    return out
+
+
+class CollapsibleBlock(nn.Module):
+    """``fc1 -> PReLU(num_parameters=1, init=slope_init) -> Dropout -> (BatchNorm1d(hidden)) -> fc2``."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, slope_init: float = 0.01, dropout: float = 0.0, batch_norm: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.PReLU(num_parameters=1, init=slope_init)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.BatchNorm1d(hidden) if batch_norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.norm(self.drop(self.act(self.fc1(x)))))
+
+    def slope(self) -> float:
+        return float(self.act.weight.detach().reshape(()))
+
+    def penalty(self) -> Tensor:
+        """``(a - 1)^2`` (spec A3)."""
+        return (self.act.weight - 1.0).pow(2).sum()
+
+    def collapsible(self, tau: float = 0.05) -> bool:
+        return abs(self.slope() - 1.0) < tau
+
+    def collapse(self) -> nn.Linear:
+        """The eval-mode, slope-treated-as-1 map as one ``nn.Linear`` (does not check ``collapsible``)."""
+        bn = self.norm if isinstance(self.norm, nn.BatchNorm1d) else None
+        return collapse_chain([self.fc1, self.fc2], [bn])
+
+
+class CollapsibleMLP(nn.Module):
+    """VGG-head-like classifier on flattened inputs with the last ``collapsible_last`` hidden layers collapsible.
+
+    With ``n = len(hidden)`` and ``c = collapsible_last`` (1 <= c <= n) the structure (``self.layers``) is::
+
+        flatten
+        fc{i} = Linear(w_i, hidden[i]) -> act{i} = ReLU -> drop{i} = Dropout        for i < n - c  (never collapsed)
+        block{j} = CollapsibleBlock(w, hidden[n-c+j], out_j)                       for j < c
+        (between blocks: bact{j} = ReLU -> bdrop{j} = Dropout)
+
+    where ``out_j = num_classes`` for the last block and ``hidden[n-c+j]`` otherwise. ``hidden=(512, 512), c=1``:
+    Flatten -> Linear(D, 512) -> ReLU -> Dropout -> CollapsibleBlock(512, 512, classes). Dropout modules are only
+    present for ``dropout > 0``. A collapsed ``block{j}`` becomes an ``nn.Linear`` under the same name, so
+    ``collapsed_structure`` + ``apply_structure`` rebuild the architecture for ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden: Sequence[int] = (512, 512),
+        slope_init: float = 0.01,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        collapsible_last: int = 1,
+    ) -> None:
+        super().__init__()
+        hidden = [int(h) for h in hidden]
+        n, c = len(hidden), int(collapsible_last)
+        if not 1 <= c <= n:
+            raise ValueError(f"collapsible_last must be in [1, len(hidden)={n}], got {c}.")
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden widths must be positive, got {hidden}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        width = math.prod(input_shape)
+        for i, h in enumerate(hidden[: n - c]):
+            layers[f"fc{i}"], layers[f"act{i}"] = nn.Linear(width, h), nn.ReLU()
+            if dropout > 0:
+                layers[f"drop{i}"] = nn.Dropout(dropout)
+            width = h
+        self._block_names: list[str] = []
+        for j, h in enumerate(hidden[n - c:]):
+            out = num_classes if j == c - 1 else h
+            layers[f"block{j}"] = CollapsibleBlock(width, h, out, slope_init, dropout, batch_norm)
+            self._block_names.append(f"block{j}")
+            if j < c - 1:
+                layers[f"bact{j}"] = nn.ReLU()
+                if dropout > 0:
+                    layers[f"bdrop{j}"] = nn.Dropout(dropout)
+            width = out
+        self.layers = nn.Sequential(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+    def blocks(self) -> list[tuple[str, CollapsibleBlock]]:
+        """The not-yet-collapsed blocks, in order, with their names in ``self.layers``."""
+        return [(n, m) for n, m in self.layers.named_children() if isinstance(m, CollapsibleBlock)]
+
+    def slopes(self) -> dict[str, float]:
+        return {n: b.slope() for n, b in self.blocks()}
+
+    def penalty(self) -> Tensor:
+        """LayerCollapse regulariser ``sum (a - 1)^2`` over the remaining blocks (0 if none)."""
+        terms = [b.penalty() for _, b in self.blocks()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def collapse_(self, tau: float = 0.05) -> list[str]:
+        """Replace, in place, every block with ``|a - 1| < tau`` by its collapsed Linear; return their names."""
+        done = []
+        for name, block in self.blocks():
+            if block.collapsible(tau):
+                setattr(self.layers, name, block.collapse())
+                done.append(name)
+        return done
+
+    def collapsed_structure(self) -> list[str]:
+        """Names of blocks that are currently collapsed (store this next to the state_dict)."""
+        return [n for n in self._block_names if isinstance(getattr(self.layers, n), nn.Linear)]
+
+    def apply_structure(self, names: Sequence[str]) -> None:
+        """Replace the named blocks by zero-initialised ``nn.Linear`` of the collapsed shape (then load weights)."""
+        for name in names:
+            if name not in self._block_names:
+                raise ValueError(f"unknown block {name!r}; blocks are {self._block_names}.")
+            block = getattr(self.layers, name)
+            if isinstance(block, nn.Linear):
+                continue
+            ref = block.fc1.weight
+            lin = nn.Linear(block.fc1.in_features, block.fc2.out_features, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            setattr(self.layers, name, lin)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Conversions of torchvision models
+
+
+def _linear_in_eval(m: nn.Module, tau: float) -> bool:
+    """True for modules that are affine (or identity) in eval mode once a near-1 slope is treated as 1."""
+    if _is_single_prelu(m):
+        return abs(float(m.weight.detach().reshape(())) - 1.0) < tau
+    return isinstance(m, (nn.Dropout, nn.Identity, nn.BatchNorm1d))
+
+
+@torch.no_grad()
+def collapse_sequential(seq: nn.Sequential, tau: float = 0.05) -> tuple[nn.Sequential, int]:
+    """Fold every run ``Linear, (collapsible PReLU | Dropout | BatchNorm1d | Identity)*, Linear, ...`` of ``seq``
+    into one Linear (at most one BatchNorm1d between two Linears). Returns the new Sequential and the number of
+    Linear layers removed. Modules not inside a folded run are kept (same objects)."""
+    out: list[nn.Module] = []
+    chain: list[nn.Linear] = []
+    norms: list[nn.BatchNorm1d | None] = []
+    tail: list[nn.Module] = []
+    removed = 0
+
+    def flush() -> None:
+        nonlocal removed
+        if chain:
+            out.append(chain[0] if len(chain) == 1 else collapse_chain(chain, norms))
+            removed += len(chain) - 1
+        out.extend(tail)
+        chain.clear(), norms.clear(), tail.clear()
+
+    for m in seq:
+        if isinstance(m, nn.Linear):
+            bns = [t for t in tail if isinstance(t, nn.BatchNorm1d)]
+            if chain and len(bns) <= 1 and all(_linear_in_eval(t, tau) for t in tail):
+                chain.append(m)
+                norms.append(bns[0] if bns else None)
+                tail.clear()
+                continue
+            flush()
+            chain.append(m)
+        elif chain:
+            tail.append(m)
+        else:
+            out.append(m)
+    flush()
+    return nn.Sequential(*out), removed
+
+
+def convert_vgg_classifier(vgg: nn.Module, slope_init: float = 0.0) -> nn.Module:
+    """Replace the ReLUs of ``vgg.classifier`` (torchvision VGG: indices 1 and 4) by single-slope PReLU(a0).
+    With a0 = 0 the function is unchanged. Modifies ``vgg`` in place and returns it."""
+    cls = vgg.classifier
+    ref = next(cls.parameters())
+    hits = 0
+    for i, m in enumerate(cls):
+        if isinstance(m, nn.ReLU):
+            cls[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
+            hits += 1
+    if hits == 0:
+        raise ValueError("vgg.classifier has no ReLU to convert.")
+    return vgg
+
+
+def collapse_vgg_classifier(vgg: nn.Module, tau: float = 0.05) -> int:
+    """Collapse the (converted) classifier in place: activations with ``|a - 1| < tau`` are treated as identity and
+    the Linear layers around them folded (both -> one ``Linear(25088, 1000)``). Returns the number of Linear layers
+    removed (0 if nothing was collapsible)."""
+    vgg.classifier, removed = collapse_sequential(vgg.classifier, tau)
+    return removed
+
+
+def prelu_slopes(module: nn.Module) -> list[float]:
+    """Slopes of all single-parameter PReLUs in ``module`` (registration order)."""
+    return [float(m.weight.detach().reshape(())) for m in module.modules() if _is_single_prelu(m)]
+
+
+def prelu_penalty(module: nn.Module) -> Tensor:
+    """``sum (a - 1)^2`` over the single-slope PReLUs in ``module`` (e.g. a converted VGG classifier)."""
+    terms = [(m.weight - 1.0).pow(2).sum() for m in module.modules() if _is_single_prelu(m)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def convert_vit_mlp(block_mlp: nn.Sequential, slope_init: float = 0.01) -> nn.Sequential:
+    """Replace the GELU of a torchvision ViT ``MLPBlock`` (Linear, GELU, Dropout, Linear, Dropout) by a
+    single-slope PReLU(a0). This CHANGES the function (fine-tune afterwards). In place; returns ``block_mlp``.
+    Collapse later with ``collapse_sequential(block_mlp, tau)`` (the residual around the MLP is untouched)."""
+    ref = next(block_mlp.parameters())
+    hits = 0
+    for i, m in enumerate(block_mlp):
+        if isinstance(m, nn.GELU):
+            block_mlp[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
+            hits += 1
+    if hits != 1:
+        raise ValueError(f"expected exactly one GELU in the MLP block, found {hits}.")
+    return block_mlp
