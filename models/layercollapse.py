@@ -255,17 +255,21 @@ def collapse_sequential(seq: nn.Sequential, tau: float = 0.05) -> tuple[nn.Seque
     return nn.Sequential(*out), removed
 
 
+def _replace_with_prelu(seq: nn.Sequential, kind: type[nn.Module], slope_init: float) -> int:
+    """Swap every ``kind`` activation of ``seq`` for a single-slope PReLU(slope_init); returns how many."""
+    ref = next(seq.parameters())
+    hits = 0
+    for i, m in enumerate(seq):
+        if isinstance(m, kind):
+            seq[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
+            hits += 1
+    return hits
+
+
 def convert_vgg_classifier(vgg: nn.Module, slope_init: float = 0.0) -> nn.Module:
     """Replace the ReLUs of ``vgg.classifier`` (torchvision VGG: indices 1 and 4) by single-slope PReLU(a0).
     With a0 = 0 the function is unchanged. Modifies ``vgg`` in place and returns it."""
-    cls = vgg.classifier
-    ref = next(cls.parameters())
-    hits = 0
-    for i, m in enumerate(cls):
-        if isinstance(m, nn.ReLU):
-            cls[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
-            hits += 1
-    if hits == 0:
+    if _replace_with_prelu(vgg.classifier, nn.ReLU, slope_init) == 0:
         raise ValueError("vgg.classifier has no ReLU to convert.")
     return vgg
 
@@ -293,12 +297,7 @@ def convert_vit_mlp(block_mlp: nn.Sequential, slope_init: float = 0.01) -> nn.Se
     """Replace the GELU of a torchvision ViT ``MLPBlock`` (Linear, GELU, Dropout, Linear, Dropout) by a
     single-slope PReLU(a0). This CHANGES the function (fine-tune afterwards). In place; returns ``block_mlp``.
     Collapse later with ``collapse_sequential(block_mlp, tau)`` (the residual around the MLP is untouched)."""
-    ref = next(block_mlp.parameters())
-    hits = 0
-    for i, m in enumerate(block_mlp):
-        if isinstance(m, nn.GELU):
-            block_mlp[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
-            hits += 1
+    hits = _replace_with_prelu(block_mlp, nn.GELU, slope_init)
     if hits != 1:
         raise ValueError(f"expected exactly one GELU in the MLP block, found {hits}.")
     return block_mlp
