@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import ClassificationModule, NetworkFactory
 from models.layercollapse import CollapsibleBlock
+from models.plain_export import save_exported
 
 
 class LayerCollapse(ClassificationModule):
@@ -130,6 +132,13 @@ class LayerCollapse(ClassificationModule):
     def on_test_end(self) -> None:
         super().on_test_end()
         self._collapsed_copy = None
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        if self.trainer.global_rank == 0 and self.trainer.log_dir:
+            # the deployed (collapsed) network and, for before/after comparisons, the network as trained
+            save_exported(self.deployed_model(), Path(self.trainer.log_dir) / "exported.pt")
+            save_exported(copy.deepcopy(self.net).eval(), Path(self.trainer.log_dir) / "uncollapsed.pt")
 
     # --- structure in checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, quiet, run_cli, summary
 from lightning_modules import LayerCollapse
 from models import CollapsibleMLP
+from models.plain_export import load_exported
 
 DIGITS = [
     "--config", str(ROOT / "configs/fashion_mnist/layercollapse.yaml"),
@@ -30,6 +31,8 @@ def test_strong_lambda_collapses_and_test_reports_the_collapsed_model(in_tmp):
     assert info["params_after"] == 64 * 64 + 64 + 64 * 10 + 10 < info["params_before"]
     assert result["params"]["nonzero"] <= info["params_after"]
     assert 0.5 < result["metrics"]["test/acc"] and "test/acc_uncollapsed" in result["metrics"]
+    exported = load_exported(Path(cli.trainer.log_dir) / "exported.pt")
+    assert sum(p.numel() for p in exported.parameters()) == info["params_after"]
 
 
 def test_without_the_regulariser_the_block_stays_nonlinear(in_tmp):
