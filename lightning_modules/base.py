@@ -114,7 +114,7 @@ class ClassificationModule(LightningModule):
         """The network as it would be deployed (techniques with an export return the exported model)."""
         return self.net
 
-    def dense_equivalent_parameters(self) -> int:
+    def dense_equivalent_parameters(self, deployed: nn.Module) -> int:
         """Parameters of the same architecture without sharing/masking/collapse (models.accounting)."""
         return count_dense_equivalent(self.net)
 
@@ -190,8 +190,12 @@ class ClassificationModule(LightningModule):
             self.val_acc_best.update(self.trainer.checkpoint_callback.best_model_score)
 
     # --- optimisation ---------------------------------------------------------------------------------------
+    def optimizer_parameters(self) -> Any:
+        """What the optimizer gets: all parameters, or param groups a technique defines."""
+        return self.parameters()
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}}
@@ -240,7 +244,7 @@ class ClassificationModule(LightningModule):
             "total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "nonzero": count_nonzero(model),
-            "dense_equivalent": self.dense_equivalent_parameters(),
+            "dense_equivalent": self.dense_equivalent_parameters(model),
         }
         return {"params": counts, "flops_per_sample": flops, "model_bytes": model_bytes(model)}
 

@@ -99,15 +99,11 @@ class LayerCollapse(ClassificationModule):
         for name, block in self.selected_blocks().items():
             self.log(f"compact/slope/{name}", float(block.act.weight.mean()))
 
-    def configure_optimizers(self) -> Any:
+    def optimizer_parameters(self) -> Any:
         slopes = [m.weight for m in self.net.modules() if isinstance(m, nn.PReLU)]
         ids = {id(p) for p in slopes}
         others = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
-        groups = [{"params": others}, {"params": slopes, "weight_decay": 0.0}]  # slopes never decay
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}}
+        return [{"params": others}, {"params": slopes, "weight_decay": 0.0}]  # slopes never decay
 
     # --- collapse -------------------------------------------------------------------------------------------
     def deployed_model(self) -> nn.Module:

@@ -88,5 +88,5 @@ class LoRA(ClassificationModule):
         """A merged copy: the base architecture with ``W + (alpha / r) B A`` folded in."""
         return copy.deepcopy(self.net).merge_and_unload()
 
-    def dense_equivalent_parameters(self) -> int:
-        return sum(p.numel() for p in self.deployed_model().parameters())
+    def dense_equivalent_parameters(self, deployed: nn.Module) -> int:
+        return sum(p.numel() for p in deployed.parameters())  # the merged model: no second merge
