@@ -1,9 +1,11 @@
 """Callbacks that change a run's network or schedule on Lightning's hooks (each resumable via ``state_dict``)."""
 
 from callbacks.checkpoint import BestAndLastCheckpoint
+from callbacks.collapse import CollapseBlocks, ProgressiveCollapse
 from callbacks.connectivity import ConnectivityImages
 from callbacks.pruning import ProgressivePruning
 from callbacks.sparsity import SparsityScheduler
 from callbacks.temperature import TemperatureAnnealing
 
-__all__ = ["BestAndLastCheckpoint", "TemperatureAnnealing", "SparsityScheduler", "ProgressivePruning", "ConnectivityImages"]
+__all__ = ["BestAndLastCheckpoint", "TemperatureAnnealing", "SparsityScheduler", "ProgressivePruning", "ConnectivityImages",
+           "CollapseBlocks", "ProgressiveCollapse"]

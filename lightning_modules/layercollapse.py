@@ -5,10 +5,12 @@ Regulariser (spec A3): ``R = lambda_t * sum_{i in S} (a_i - 1)^2`` over the slop
 linearly warmed up over ``lc_warmup_epochs``. PReLU slopes never get weight decay (decay pulls them toward 0,
 i.e. toward ReLU, against the regulariser; spec A3/D4).
 
-Test evaluates two models on the same batches: ``test/acc`` is the deployed model, every block with
+Test evaluates two models on the same batches: ``test/acc`` is the deployed model, every selected block with
 |a - 1| < ``collapse_threshold`` merged into one ``nn.Linear`` (``models.layercollapse``), and
-``test/acc_uncollapsed`` the network as trained. Blocks collapsed in place during training (callbacks) are
-recorded in the checkpoint and rebuilt before the weights load, so ``test --ckpt_path`` and resume work.
+``test/acc_uncollapsed`` the network as trained. Blocks collapsed in place during training
+(``callbacks.CollapseBlocks``, ``callbacks.ProgressiveCollapse``) are recorded in the checkpoint and rebuilt
+before the weights load, so ``test --ckpt_path`` and resume work; the optimizer drops the removed parameters
+and takes the new Linear's in the order a fresh ``configure_optimizers`` would give (exact resume).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import ClassificationModule, NetworkFactory
-from models.layercollapse import CollapsibleBlock
+from models.layercollapse import CollapsibleBlock, collapse_blocks_, collapsible_blocks, rebuild_collapsed_
 from models.plain_export import save_exported
 
 
@@ -36,9 +38,11 @@ class LayerCollapse(ClassificationModule):
         net, input_shape, num_classes, optimizer, lr_scheduler: see ``ClassificationModule``.
         lc_weight: lambda of the regulariser (>= 0; spec defaults 0.5 from scratch, 5 when fine-tuning).
         lc_warmup_epochs: lambda grows linearly from 0 over this many epochs (0: constant).
-        last_k_blocks: regularise only the last k collapsible blocks (None: all, unless ``block_names``).
-        block_names: regexes; regularise the blocks whose module names match any of them.
-        collapse_threshold: tau; a block collapses when |a - 1| < tau (spec: 0.05).
+        last_k_blocks: select only the last k collapsible blocks (None: all, unless ``block_names``).
+        block_names: regexes; select the blocks whose module paths match any of them.
+        regularize_prelus: regexes; single-slope PReLUs outside the blocks (e.g. ``features\\..*`` of the custom
+            VGG) whose module paths match are regularised too but never collapsed ("LC as a regulariser", A3).
+        collapse_threshold: tau; a selected block collapses when |a - 1| < tau (spec: 0.05).
     """
 
     technique = "layercollapse"
@@ -52,6 +56,7 @@ class LayerCollapse(ClassificationModule):
         lc_warmup_epochs: int = 0,
         last_k_blocks: int | None = None,
         block_names: list[str] | None = None,
+        regularize_prelus: list[str] | None = None,
         collapse_threshold: float = 0.05,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -65,22 +70,46 @@ class LayerCollapse(ClassificationModule):
         super().__init__(net, input_shape, num_classes, optimizer, lr_scheduler)
         self.lc_weight, self.lc_warmup_epochs, self.collapse_threshold = lc_weight, lc_warmup_epochs, collapse_threshold
         self.last_k_blocks, self.block_names = last_k_blocks, block_names
-        blocks = self.selected_blocks()
-        if not blocks:
+        self.collapsed_blocks: list[str] = []  # collapsed in place during training, in order
+        self.active_blocks: list[str] | None = None  # set by ProgressiveCollapse: regularise only these
+        if not self.selected_block_names():
             raise ValueError("model.net has no CollapsibleBlock matching last_k_blocks/block_names; nothing to collapse.")
+        patterns = [re.compile(p) for p in regularize_prelus or []]
+        self.extra_prelus = {
+            name: m for name, m in self.net.named_modules()
+            if isinstance(m, nn.PReLU) and m.weight.numel() == 1 and any(p.search(name) for p in patterns)
+            and not any(name.startswith(b + ".") for b in self.selected_block_names())
+        }
+        if patterns and not self.extra_prelus:
+            raise ValueError(f"model.regularize_prelus {regularize_prelus} matches no single-slope PReLU of model.net.")
         self.test_acc_uncollapsed = MulticlassAccuracy(num_classes, average="micro")
         self._collapsed_copy: nn.Module | None = None
 
     # --- selection and regulariser --------------------------------------------------------------------------
-    def selected_blocks(self) -> dict[str, CollapsibleBlock]:
-        """The regularised blocks, by module name, in registration order."""
-        blocks = {name: m for name, m in self.net.named_modules() if isinstance(m, CollapsibleBlock)}
+    def selected_block_names(self) -> list[str]:
+        """Module paths of the selected blocks, collapsed ones included, in registration order (a fixed list:
+        collapsing a block does not shift "the last k" to another one)."""
+        names = [n for n, m in self.net.named_modules() if isinstance(m, CollapsibleBlock) or n in self.collapsed_blocks]
         if self.block_names:
             patterns = [re.compile(p) for p in self.block_names]
-            blocks = {n: m for n, m in blocks.items() if any(p.fullmatch(n) or p.search(n) for p in patterns)}
+            names = [n for n in names if any(p.search(n) for p in patterns)]
         if self.last_k_blocks:
-            blocks = dict(list(blocks.items())[-self.last_k_blocks :])
-        return blocks
+            names = names[-self.last_k_blocks :]
+        return names
+
+    def selected_blocks(self) -> dict[str, CollapsibleBlock]:
+        """The selected blocks not yet collapsed, by module path."""
+        blocks = collapsible_blocks(self.net)
+        return {n: blocks[n] for n in self.selected_block_names() if n in blocks}
+
+    def regularized_slopes(self) -> dict[str, Tensor]:
+        """Slope parameters in the penalty now: the selected (or, progressively, active) blocks and the extra PReLUs."""
+        blocks = self.selected_blocks()
+        if self.active_blocks is not None:
+            blocks = {n: b for n, b in blocks.items() if n in self.active_blocks}
+        slopes = {n: b.act.weight for n, b in blocks.items()}
+        slopes.update({n: m.weight for n, m in self.extra_prelus.items()})
+        return slopes
 
     def current_lambda(self) -> float:
         if self.lc_warmup_epochs == 0:
@@ -88,7 +117,7 @@ class LayerCollapse(ClassificationModule):
         return self.lc_weight * min(1.0, (self.current_epoch + 1) / self.lc_warmup_epochs)
 
     def regularization(self) -> Tensor | None:
-        slopes = [block.act.weight for block in self.selected_blocks().values()]
+        slopes = list(self.regularized_slopes().values())
         if not slopes or self.lc_weight == 0:
             return None
         return self.current_lambda() * sum(((a - 1.0) ** 2).sum() for a in slopes)
@@ -97,7 +126,8 @@ class LayerCollapse(ClassificationModule):
         super().on_train_epoch_end()
         self.log("sched/lambda", self.current_lambda())
         for name, block in self.selected_blocks().items():
-            self.log(f"compact/slope/{name}", float(block.act.weight.mean()))
+            self.log(f"compact/slope/{name}", block.slope())
+        self.log("compact/collapsed_blocks", float(len(self.collapsed_blocks)))
 
     def optimizer_parameters(self) -> Any:
         slopes = [m.weight for m in self.net.modules() if isinstance(m, nn.PReLU)]
@@ -106,10 +136,43 @@ class LayerCollapse(ClassificationModule):
         return [{"params": others}, {"params": slopes, "weight_decay": 0.0}]  # slopes never decay
 
     # --- collapse -------------------------------------------------------------------------------------------
+    def collapsible_now(self) -> list[str]:
+        """Selected blocks with |a - 1| < tau."""
+        return [n for n, b in self.selected_blocks().items() if b.collapsible(self.collapse_threshold)]
+
+    @torch.no_grad()
+    def collapse_in_place(self, names: Sequence[str] | None = None) -> list[str]:
+        """Collapse ``names`` (default: ``collapsible_now()``) in the trained network itself and hand the optimizer
+        the new parameters; returns the collapsed names."""
+        names = self.collapsible_now() if names is None else list(names)
+        if not names:
+            return []
+        collapse_blocks_(self.net, names)
+        self.collapsed_blocks += names
+        if self._trainer is not None:
+            for optimizer in self.trainer.optimizers:
+                self._refresh_optimizer(optimizer)
+        return names
+
+    def _refresh_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Point ``optimizer``'s groups at the network's current parameters, in ``optimizer_parameters()`` order
+        (what a resumed run's fresh ``configure_optimizers`` builds, so saved optimizer state lines up), keeping
+        the state of surviving parameters; the new Linear starts with empty state. Hand-written because torch
+        optimizers have no "replace parameters" API; adding a param group instead would change the group count
+        the LR scheduler keeps."""
+        groups = self.optimizer_parameters()
+        if len(groups) != len(optimizer.param_groups):
+            raise RuntimeError(f"optimizer has {len(optimizer.param_groups)} parameter groups, expected {len(groups)}.")
+        alive = {id(p) for g in groups for p in g["params"]}
+        for p in [p for p in optimizer.state if id(p) not in alive]:
+            del optimizer.state[p]
+        for group, fresh in zip(optimizer.param_groups, groups):
+            group["params"] = list(fresh["params"])
+
     def deployed_model(self) -> nn.Module:
-        """A copy with every block within ``collapse_threshold`` of linear merged into one Linear."""
+        """A copy with every selected block within ``collapse_threshold`` of linear merged into one Linear."""
         collapsed = copy.deepcopy(self.net).eval()
-        collapsed.collapse_(self.collapse_threshold)
+        collapse_blocks_(collapsed, self.collapsible_now())
         return collapsed
 
     def on_test_start(self) -> None:
@@ -139,22 +202,25 @@ class LayerCollapse(ClassificationModule):
     # --- structure in checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["morphlab"]["collapsed_blocks"] = list(self.net.collapsed_structure())
+        checkpoint["morphlab"]["collapsed_blocks"] = list(self.collapsed_blocks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.net.apply_structure(checkpoint.get("morphlab", {}).get("collapsed_blocks", []))
+        names = list(checkpoint.get("morphlab", {}).get("collapsed_blocks", []))
+        rebuild_collapsed_(self.net, names)
+        self.collapsed_blocks = names
 
     def summary_extras(self) -> dict[str, Any]:
         deployed = self.deployed_model()
-        before = sum(p.numel() for p in self.net.parameters())
-        after = sum(p.numel() for p in deployed.parameters())
+        original = self.net_factory(self.input_shape, self.num_classes)
         return {
             "layercollapse": {
-                "slopes": {name: round(float(block.act.weight.mean()), 5) for name, block in self.selected_blocks().items()},
-                "collapsed_at_test": [n for n in deployed.collapsed_structure()],
-                "params_before": before,
-                "params_after": after,
+                "slopes": {name: round(block.slope(), 5) for name, block in self.selected_blocks().items()},
+                "collapsed_in_training": list(self.collapsed_blocks),
+                "collapsed_at_test": self.collapsed_blocks + self.collapsible_now(),
+                "params_original": sum(p.numel() for p in original.parameters()),
+                "params_before": sum(p.numel() for p in self.net.parameters()),
+                "params_after": sum(p.numel() for p in deployed.parameters()),
                 "threshold": self.collapse_threshold,
             }
         }

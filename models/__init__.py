@@ -10,12 +10,16 @@ from models.layercollapse import (
     collapse_sequential,
     collapse_vgg_classifier,
     convert_vgg_classifier,
-    convert_vit_mlp,
+    collapsible_from_mlp,
+    convert_vit_mlps_,
 )
+from models.collapsible_vgg import CollapsibleVGG
+from models.mixer import MLPMixer
 from models.mlp import MLP
 from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
            "MorphoMLP", "MorphoCNN", "MorphoTransformer", "CollapsibleBlock", "CollapsibleMLP", "collapse_chain",
-           "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlp"]
+           "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlps_",
+           "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer"]

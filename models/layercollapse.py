@@ -14,9 +14,11 @@ running statistics.
 
 Conversions (A7): ``convert_vgg_classifier`` turns the two ReLUs of a torchvision VGG classifier into
 single-slope PReLUs with a0 = 0 (function preserving); ``collapse_vgg_classifier`` folds the runs of linear
-layers whose activations are within tau of 1 (both -> one ``Linear(25088, 1000)``). ``convert_vit_mlp``
-replaces the GELU of a torchvision ViT ``MLPBlock`` by PReLU(a0 = 0.01); this *changes* the function and needs
-fine-tuning before the slope is near 1.
+layers whose activations are within tau of 1 (both -> one ``Linear(25088, 1000)``). ``convert_vit_mlps_``
+(``collapsible_from_mlp``) turns the MLPs of the last k blocks of a torchvision ViT (or any
+``Linear, GELU, Dropout, Linear`` MLP, timm's ``Mlp`` included) into ``CollapsibleBlock``s with PReLU(a0 = 0.01);
+this *changes* the function and needs fine-tuning before the slope is near 1. ``models.mixer`` does the same for
+MLP-Mixer blocks and ``models.collapsible_vgg`` is the custom CIFAR VGG.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class CollapsibleMLP(nn.Module):
     where ``out_j = num_classes`` for the last block and ``hidden[n-c+j]`` otherwise. ``hidden=(512, 512), c=1``:
     Flatten -> Linear(D, 512) -> ReLU -> Dropout -> CollapsibleBlock(512, 512, classes). Dropout modules are only
     present for ``dropout > 0``. A collapsed ``block{j}`` becomes an ``nn.Linear`` under the same name, so
-    ``collapsed_structure`` + ``apply_structure`` rebuild the architecture for ``load_state_dict``.
+    ``rebuild_collapsed_(mlp, ["layers.block{j}"])`` rebuilds the architecture for ``load_state_dict``.
     """
 
     def __init__(
@@ -151,11 +153,9 @@ class CollapsibleMLP(nn.Module):
             if dropout > 0:
                 layers[f"drop{i}"] = nn.Dropout(dropout)
             width = h
-        self._block_names: list[str] = []
         for j, h in enumerate(hidden[n - c:]):
             out = num_classes if j == c - 1 else h
             layers[f"block{j}"] = CollapsibleBlock(width, h, out, slope_init, dropout, batch_norm)
-            self._block_names.append(f"block{j}")
             if j < c - 1:
                 layers[f"bact{j}"] = nn.ReLU()
                 if dropout > 0:
@@ -181,30 +181,89 @@ class CollapsibleMLP(nn.Module):
     @torch.no_grad()
     def collapse_(self, tau: float = 0.05) -> list[str]:
         """Replace, in place, every block with ``|a - 1| < tau`` by its collapsed Linear; return their names."""
-        done = []
-        for name, block in self.blocks():
-            if block.collapsible(tau):
-                setattr(self.layers, name, block.collapse())
-                done.append(name)
-        return done
+        names = [f"layers.{n}" for n, b in self.blocks() if b.collapsible(tau)]
+        collapse_blocks_(self, names)
+        return [n.removeprefix("layers.") for n in names]
 
-    def collapsed_structure(self) -> list[str]:
-        """Names of blocks that are currently collapsed (store this next to the state_dict)."""
-        return [n for n in self._block_names if isinstance(getattr(self.layers, n), nn.Linear)]
 
-    def apply_structure(self, names: Sequence[str]) -> None:
-        """Replace the named blocks by zero-initialised ``nn.Linear`` of the collapsed shape (then load weights)."""
-        for name in names:
-            if name not in self._block_names:
-                raise ValueError(f"unknown block {name!r}; blocks are {self._block_names}.")
-            block = getattr(self.layers, name)
-            if isinstance(block, nn.Linear):
-                continue
-            ref = block.fc1.weight
-            lin = nn.Linear(block.fc1.in_features, block.fc2.out_features, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-            setattr(self.layers, name, lin)
+# --------------------------------------------------------------------------------------------------------
+# Collapse by module path (any network that contains CollapsibleBlocks: MLPs, Mixers, VGG heads)
+
+
+def collapsible_blocks(root: nn.Module) -> dict[str, CollapsibleBlock]:
+    """Every not-yet-collapsed ``CollapsibleBlock`` of ``root`` by module path, in registration order."""
+    return {name: m for name, m in root.named_modules() if isinstance(m, CollapsibleBlock)}
+
+
+@torch.no_grad()
+def collapse_blocks_(root: nn.Module, names: Sequence[str]) -> list[str]:
+    """Replace the ``CollapsibleBlock`` at each module path by its collapsed ``nn.Linear`` (slope taken as 1,
+    whatever it is: check ``collapsible(tau)`` first). In place; returns ``names``."""
+    for name in names:
+        block = root.get_submodule(name)
+        if not isinstance(block, CollapsibleBlock):
+            raise ValueError(f"{name!r} is a {type(block).__name__}, not a CollapsibleBlock; cannot collapse it.")
+        root.set_submodule(name, block.collapse())
+    return list(names)
+
+
+def rebuild_collapsed_(root: nn.Module, names: Sequence[str]) -> None:
+    """Give ``root`` the architecture it had after ``collapse_blocks_(root, names)``: each named block becomes a
+    zero-initialised ``nn.Linear`` of the collapsed shape, ready for ``load_state_dict`` (checkpoints store only
+    the names). Already-collapsed names are skipped; unknown names are refused."""
+    for name in names:
+        try:
+            block = root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint collapsed block {name!r}, which this network does not have.") from None
+        if isinstance(block, nn.Linear):
+            continue
+        if not isinstance(block, CollapsibleBlock):
+            raise ValueError(f"the checkpoint collapsed {name!r}, but here it is a {type(block).__name__}.")
+        ref = block.fc1.weight
+        lin = nn.Linear(block.fc1.in_features, block.fc2.out_features, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        root.set_submodule(name, lin)
+
+
+def collapsible_from_mlp(mlp: nn.Module, slope_init: float = 0.01) -> nn.Module:
+    """A ``CollapsibleBlock`` with the weights of a transformer/Mixer MLP, its activation (GELU) replaced by a
+    single-slope PReLU(slope_init) (spec A7: this CHANGES the function; fine-tune with the regulariser next).
+
+    Accepts torchvision's ``MLPBlock`` / any ``Sequential(Linear, act, Dropout, Linear[, Dropout])`` and timm's
+    ``Mlp`` (attributes ``fc1, act, drop1, norm, fc2, drop2``; its norm must be Identity). A dropout after the
+    second Linear is kept: the result is then ``Sequential(block, Dropout)``.
+    """
+    if isinstance(mlp, nn.Sequential):
+        linears = [m for m in mlp if isinstance(m, nn.Linear)]
+        drops = [m for m in mlp if isinstance(m, nn.Dropout)]
+        others = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
+        if len(linears) != 2 or len(others) != 1 or not 1 <= len(drops) <= 2 or not isinstance(mlp[0], nn.Linear):
+            raise ValueError("expected Sequential(Linear, activation, Dropout, Linear[, Dropout]).")
+        fc1, fc2, drop1 = linears[0], linears[1], drops[0]
+        drop2 = mlp[-1] if isinstance(mlp[-1], nn.Dropout) and len(drops) == 2 else None
+    elif all(hasattr(mlp, a) for a in ("fc1", "fc2")):
+        fc1, fc2, drop1, drop2 = mlp.fc1, mlp.fc2, getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("an MLP with a norm between fc1 and fc2 is not supported (only Identity).")
+    else:
+        raise ValueError(f"cannot convert a {type(mlp).__name__}: need fc1/fc2 attributes or a Linear-act-Linear Sequential.")
+    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
+        raise ValueError("fc1 and fc2 must be nn.Linear (1x1-conv MLPs are not supported, spec A6.6).")
+    p1 = drop1.p if isinstance(drop1, nn.Dropout) else 0.0
+    ref = fc1.weight
+    block = CollapsibleBlock(fc1.in_features, fc1.out_features, fc2.out_features, slope_init, p1).to(ref.device, ref.dtype)
+    with torch.no_grad():
+        for dst, src in ((block.fc1, fc1), (block.fc2, fc2)):
+            dst.weight.copy_(src.weight)
+            if src.bias is not None:
+                dst.bias.copy_(src.bias)
+            else:  # missing biases count as zero (A6.6)
+                dst.bias.zero_()
+    if isinstance(drop2, nn.Dropout) and drop2.p > 0:
+        return nn.Sequential(block, nn.Dropout(drop2.p))
+    return block
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -293,11 +352,15 @@ def prelu_penalty(module: nn.Module) -> Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def convert_vit_mlp(block_mlp: nn.Sequential, slope_init: float = 0.01) -> nn.Sequential:
-    """Replace the GELU of a torchvision ViT ``MLPBlock`` (Linear, GELU, Dropout, Linear, Dropout) by a
-    single-slope PReLU(a0). This CHANGES the function (fine-tune afterwards). In place; returns ``block_mlp``.
-    Collapse later with ``collapse_sequential(block_mlp, tau)`` (the residual around the MLP is untouched)."""
-    hits = _replace_with_prelu(block_mlp, nn.GELU, slope_init)
-    if hits != 1:
-        raise ValueError(f"expected exactly one GELU in the MLP block, found {hits}.")
-    return block_mlp
+def convert_vit_mlps_(vit: nn.Module, last_k: int, slope_init: float = 0.01) -> list[str]:
+    """Turn the MLPs of the last ``last_k`` encoder blocks of a torchvision ``VisionTransformer`` into
+    ``CollapsibleBlock``s (``collapsible_from_mlp``: GELU -> PReLU(a0), which changes the function; fine-tune).
+    In place; returns the converted module paths. The residual around each MLP is untouched (A6.7)."""
+    layers = list(vit.encoder.layers.named_children())
+    if not 1 <= last_k <= len(layers):
+        raise ValueError(f"last_k must be in [1, {len(layers)}], got {last_k}.")
+    names = []
+    for name, layer in layers[-last_k:]:
+        layer.mlp = collapsible_from_mlp(layer.mlp, slope_init)
+        names.append(f"encoder.layers.{name}.mlp")
+    return names

@@ -7,6 +7,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from lightning.pytorch import Callback
 
 import train
 
@@ -27,6 +28,17 @@ def quiet(save_dir: Path, name: str = "run") -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
+
+
+class StopAfter(Callback):
+    """Stop training after ``epochs`` epochs, like a crash right after a checkpoint (max_epochs unchanged)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
 
 
 def summary(run_dir: Path) -> dict:

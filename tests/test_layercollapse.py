@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from models import CollapsibleBlock, CollapsibleMLP, collapse_chain, collapse_sequential, collapse_vgg_classifier, convert_vgg_classifier
-from models.layercollapse import convert_vit_mlp, prelu_slopes
+from models.layercollapse import collapse_blocks_, collapsible_blocks, collapsible_from_mlp, convert_vit_mlps_, prelu_slopes, rebuild_collapsed_
+from models.mixer import MLPMixer, MixerBlock, convert_mixer_block_
+from models.collapsible_vgg import CollapsibleVGG
 
 D, H, O, N = 64, 256, 64, 512
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -102,7 +104,7 @@ def test_threshold_logic():
     (_, b0), (_, b1) = mlp.blocks()
     set_slopes(b0, 0.94), set_slopes(b1, 0.96)
     assert mlp.collapse_(0.05) == ["block1"]
-    assert mlp.collapsed_structure() == ["block1"] and [n for n, _ in mlp.blocks()] == ["block0"]
+    assert isinstance(mlp.layers.block1, nn.Linear) and [n for n, _ in mlp.blocks()] == ["block0"]
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +152,84 @@ def test_vgg11_head_conversion_collapse_and_parameter_counts(vgg11):
     assert n_params(vgg11) == features + head_after == 34_309_480
 
 
-def test_vit_mlp_conversion_changes_gelu_to_prelu_and_collapses():
+def test_vit_mlp_conversion_keeps_weights_swaps_gelu_and_collapses():
     torchvision = pytest.importorskip("torchvision")
-    mlp = torchvision.models.vision_transformer.MLPBlock(16, 64, 0.0).eval()
-    convert_vit_mlp(mlp)
-    assert prelu_slopes(mlp) == [pytest.approx(0.01)]
-    set_slopes(mlp, 1.0)
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=64, num_classes=5).eval()
+    original = copy.deepcopy(vit.encoder.layers[2].mlp)
+    assert convert_vit_mlps_(vit, last_k=2) == ["encoder.layers.encoder_layer_1.mlp", "encoder.layers.encoder_layer_2.mlp"]
+    block = vit.encoder.layers[2].mlp
+    assert isinstance(block, CollapsibleBlock) and isinstance(vit.encoder.layers[0].mlp, torchvision.ops.MLP)
+    assert prelu_slopes(vit) == [pytest.approx(0.01)] * 2
     x = torch.randn(3, 5, 16)
-    seq, removed = collapse_sequential(mlp, tau=0.05)
-    assert removed == 1
+    with torch.no_grad():  # same weights, PReLU(0.01) instead of GELU
+        expected = original[3](nn.functional.prelu(original[0](x), torch.tensor([0.01])))
+        torch.testing.assert_close(block(x), expected)
+    set_slopes(vit, 0.98)
+    images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(seq(x), mlp(x), rtol=1e-5, atol=1e-6)
+        y_lin = linearised(vit)(images)
+        names = [n for n, b in collapsible_blocks(vit).items() if b.collapsible(0.05)]
+        collapse_blocks_(vit, names)
+        assert all(isinstance(vit.get_submodule(n), nn.Linear) for n in names) and len(names) == 2
+        torch.testing.assert_close(vit(images), y_lin, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_style_mlp_and_trailing_dropout_conversion():
+    class TimmMlp(nn.Module):  # the attribute layout of timm.layers.Mlp
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.drop1 = nn.Linear(6, 24, bias=False), nn.GELU(), nn.Dropout(0.1)
+            self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(24, 6), nn.Dropout(0.2)
+
+    mlp = TimmMlp()
+    converted = collapsible_from_mlp(mlp, slope_init=0.3)
+    assert isinstance(converted, nn.Sequential) and converted[1].p == 0.2 and converted[0].drop.p == 0.1
+    assert torch.equal(converted[0].fc1.weight, mlp.fc1.weight) and torch.equal(converted[0].fc1.bias, torch.zeros(24))
+    with pytest.raises(ValueError, match="fc1/fc2"):
+        collapsible_from_mlp(nn.ReLU())
+
+
+def test_mixer_block_conversion_and_exact_collapse():
+    torch.manual_seed(0)
+    block = MixerBlock(patches=16, dim=8, token_hidden=12, channel_hidden=32).eval()
+    x = torch.randn(4, 16, 8)
+    token_w = block.token_mlp[0].weight.clone()
+    convert_mixer_block_(block, slope_init=0.01)
+    assert isinstance(block.token_mlp, CollapsibleBlock) and isinstance(block.channel_mlp, CollapsibleBlock)
+    assert torch.equal(block.token_mlp.fc1.weight, token_w)
+    set_slopes(block, 0.97)
+    with torch.no_grad():
+        y_lin, y_prelu = linearised(block)(x), block(x)
+        collapse_blocks_(block, ["token_mlp", "channel_mlp"])
+        y = block(x)
+    assert (block.token_mlp.in_features, block.channel_mlp.in_features) == (16, 8)
+    torch.testing.assert_close(y, y_lin, rtol=1e-5, atol=1e-5)
+    assert (y - y_prelu).abs().max() > 1e-3
+
+    mixer = MLPMixer((1, 28, 28), 10, patch_size=7, dim=8, depth=3, token_hidden=8, channel_hidden=16, collapsible_last=1)
+    assert list(collapsible_blocks(mixer)) == ["blocks.2.token_mlp", "blocks.2.channel_mlp"]
+    assert mixer(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_custom_vgg_structure_parameter_count_and_head_collapse():
+    torch.manual_seed(0)
+    vgg = CollapsibleVGG((3, 32, 32), 10, depth=11, hidden=64).eval()
+    convs = [(3, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]
+    conv_params = sum(9 * i * o + 2 * o + 1 for i, o in convs)  # weight, BN affine, one PReLU slope
+    head = 512 * 64 + 64 + 1 + 2 * 64 + 64 * 10 + 10  # fc1, slope, BN, fc2
+    assert n_params(vgg) == conv_params + head
+    assert prelu_slopes(vgg.features) == [0.0] * 8 and vgg.classifier.slope() == pytest.approx(0.01)
+    randomise_bn(vgg, torch.Generator().manual_seed(0))
+    set_slopes(vgg.classifier, 0.99)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y_lin = linearised(vgg.classifier)(vgg.features(x).flatten(1))
+        collapse_blocks_(vgg, ["classifier"])
+        torch.testing.assert_close(vgg(x), y_lin, rtol=1e-5, atol=1e-5)
+    assert n_params(vgg) == conv_params + 512 * 10 + 10
+    with pytest.raises(ValueError, match="multiples of 32"):
+        CollapsibleVGG((1, 28, 28), 10)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -185,15 +254,14 @@ def test_collapsible_mlp_structure_collapse_and_round_trip(batch_norm):
         assert deep.collapse_(0.05) == ["block1"]
         y = deep(x)
     torch.testing.assert_close(y, y_lin, rtol=1e-5, atol=1e-5)
-    structure = deep.collapsed_structure()
-    assert structure == ["block1"]
-
     fresh = CollapsibleMLP((1, 28, 28), 10, hidden=(64, 32, 32), dropout=0.2, batch_norm=batch_norm, collapsible_last=2)
-    fresh.apply_structure(structure)
+    rebuild_collapsed_(fresh, ["layers.block1"])
     fresh.load_state_dict(deep.state_dict())  # strict: keys and shapes must match exactly
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), y)
-    assert fresh.collapsed_structure() == ["block1"] and list(fresh.slopes()) == ["block0"]
-    with pytest.raises(ValueError):
-        fresh.apply_structure(["block7"])
+    assert list(fresh.slopes()) == ["block0"]
+    with pytest.raises(ValueError, match="block7"):
+        rebuild_collapsed_(fresh, ["layers.block7"])
+    with pytest.raises(ValueError, match="not a CollapsibleBlock"):
+        collapse_blocks_(fresh, ["layers.fc0"])

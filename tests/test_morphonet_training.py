@@ -8,21 +8,8 @@ import pytest
 import torch
 import yaml
 
-from lightning.pytorch import Callback
-
 from conftest import ROOT, quiet, run_cli, summary
 from models.plain_export import load_exported
-
-
-class StopAfter(Callback):
-    """Stop training after ``epochs`` epochs, like a crash right after a checkpoint (max_epochs unchanged)."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def small_config(tmp_path: Path, mode: str = "intended", stop_after: int | None = None) -> str:
@@ -39,7 +26,7 @@ def small_config(tmp_path: Path, mode: str = "intended", stop_after: int | None 
         if callback["class_path"].endswith("ConnectivityImages"):
             args["every_n_epochs"] = 2
     if stop_after:
-        config["trainer"]["callbacks"].append({"class_path": "test_morphonet_training.StopAfter", "init_args": {"epochs": stop_after}})
+        config["trainer"]["callbacks"].append({"class_path": "conftest.StopAfter", "init_args": {"epochs": stop_after}})
     path = tmp_path / f"{name}{'_stop' if stop_after else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
