@@ -14,12 +14,15 @@ from models.layercollapse import (
     convert_vit_mlps_,
 )
 from models.collapsible_vgg import CollapsibleVGG
+from models.lrunet import LruNet
 from models.mixer import MLPMixer
 from models.mlp import MLP
+from models.mobile_baselines import MobileNetV1, MobileNetV2Small, ShuffleNetV1, ShuffleNetV2Small
 from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
            "MorphoMLP", "MorphoCNN", "MorphoTransformer", "CollapsibleBlock", "CollapsibleMLP", "collapse_chain",
            "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlps_",
-           "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer"]
+           "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer",
+           "LruNet", "MobileNetV1", "MobileNetV2Small", "ShuffleNetV1", "ShuffleNetV2Small"]
