@@ -20,18 +20,30 @@ class VisionDataModule(TensorDataModule):
         normalization: ``half`` maps [0, 1] to [-1, 1] (mean 0.5, std 0.5 per channel, the MorphReuse parity
             pipeline); ``dataset`` uses the training set's per-channel mean/std; ``none`` keeps [0, 1] (the
             LruNet parity pipeline).
-        augment: random crop (padding 4) and horizontal flip on training batches, per sample
-            (torchvision transforms v2). Off unless a config asks for it.
+        augment: random crop (padding 4), optional random rotation and horizontal flip on training batches, per
+            sample (torchvision transforms v2). Off unless a config asks for it.
+        crop_size: side of the random crop (default: the image side). LruNet's published pipeline crops
+            FashionMNIST's 28x28 images padded by 4 to 32x32 for training while testing on 28x28 (spec B4).
+        rotation: maximum angle in degrees of a random rotation before the flip (0: none; LruNet: 10).
         **kwargs: see ``TensorDataModule``.
     """
 
     dataset_mean: tuple[float, ...] = (0.5,)
     dataset_std: tuple[float, ...] = (0.5,)
 
-    def __init__(self, normalization: Normalization = "half", augment: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        normalization: Normalization = "half",
+        augment: bool = False,
+        crop_size: int | None = None,
+        rotation: float = 0.0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if normalization not in ("half", "dataset", "none"):
             raise ValueError(f"data.normalization must be one of half, dataset, none; got {normalization!r}.")
+        if crop_size is not None and crop_size < 1 or not 0.0 <= rotation <= 180.0:
+            raise ValueError(f"data.crop_size must be >= 1 (or null) and data.rotation in [0, 180]; got {crop_size}, {rotation}.")
         self.normalization, self.augment = normalization, augment
         channels = self.input_shape[0]
         mean, std = {"half": ((0.5,), (0.5,)), "dataset": (self.dataset_mean, self.dataset_std), "none": ((0.0,), (1.0,))}[
@@ -39,8 +51,10 @@ class VisionDataModule(TensorDataModule):
         ]
         self._mean = torch.tensor(mean * (channels // len(mean))).view(1, -1, 1, 1)
         self._std = torch.tensor(std * (channels // len(std))).view(1, -1, 1, 1)
-        size = self.input_shape[-1]
-        self._augment = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()])
+        steps: list[v2.Transform] = [v2.RandomCrop(crop_size or self.input_shape[-1], padding=4)]
+        if rotation:
+            steps.append(v2.RandomRotation(rotation))
+        self._augment = v2.Compose([*steps, v2.RandomHorizontalFlip()])
 
     def batch_transform(self, x: Tensor, train: bool) -> Tensor:
         if train and self.augment:

@@ -2,9 +2,10 @@
 
 from lightning_modules.base import ClassificationModule
 from lightning_modules.baseline import Baseline
+from lightning_modules.layer_reuse import LayerReuse
 from lightning_modules.layercollapse import LayerCollapse
 from lightning_modules.lora import LoRA
 from lightning_modules.morphonet import MorphoNet
 from lightning_modules.morphreuse import MorphReuse
 
-__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse"]
+__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse", "LayerReuse"]

@@ -43,6 +43,9 @@ class LayerCollapse(ClassificationModule):
         regularize_prelus: regexes; single-slope PReLUs outside the blocks (e.g. ``features\\..*`` of the custom
             VGG) whose module paths match are regularised too but never collapsed ("LC as a regulariser", A3).
         collapse_threshold: tau; a selected block collapses when |a - 1| < tau (spec: 0.05).
+        slope_lr: learning rate of the PReLU slopes (None: the optimizer's). Adam moves a parameter by about
+            lr per step whatever lambda is, so with lr 1e-3 a slope needs ~1,000 steps to travel from 0.01 to 1;
+            a larger slope_lr lets a short (progressive) stage get there.
     """
 
     technique = "layercollapse"
@@ -58,6 +61,7 @@ class LayerCollapse(ClassificationModule):
         block_names: list[str] | None = None,
         regularize_prelus: list[str] | None = None,
         collapse_threshold: float = 0.05,
+        slope_lr: float | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -67,9 +71,11 @@ class LayerCollapse(ClassificationModule):
             raise ValueError(f"model.lc_warmup_epochs must be >= 0 and model.last_k_blocks >= 1; got {lc_warmup_epochs}, {last_k_blocks}.")
         if not 0.0 < collapse_threshold < 1.0:
             raise ValueError(f"model.collapse_threshold must be in (0, 1), got {collapse_threshold}.")
+        if slope_lr is not None and slope_lr <= 0:
+            raise ValueError(f"model.slope_lr must be > 0 (or null), got {slope_lr}.")
         super().__init__(net, input_shape, num_classes, optimizer, lr_scheduler)
         self.lc_weight, self.lc_warmup_epochs, self.collapse_threshold = lc_weight, lc_warmup_epochs, collapse_threshold
-        self.last_k_blocks, self.block_names = last_k_blocks, block_names
+        self.last_k_blocks, self.block_names, self.slope_lr = last_k_blocks, block_names, slope_lr
         self.collapsed_blocks: list[str] = []  # collapsed in place during training, in order
         self.active_blocks: list[str] | None = None  # set by ProgressiveCollapse: regularise only these
         if not self.selected_block_names():
@@ -133,7 +139,10 @@ class LayerCollapse(ClassificationModule):
         slopes = [m.weight for m in self.net.modules() if isinstance(m, nn.PReLU)]
         ids = {id(p) for p in slopes}
         others = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
-        return [{"params": others}, {"params": slopes, "weight_decay": 0.0}]  # slopes never decay
+        slope_group = {"params": slopes, "weight_decay": 0.0}  # slopes never decay
+        if self.slope_lr is not None:
+            slope_group["lr"] = self.slope_lr
+        return [{"params": others}, slope_group]
 
     # --- collapse -------------------------------------------------------------------------------------------
     def collapsible_now(self) -> list[str]:

@@ -127,6 +127,18 @@ def test_cifar_augmentation_is_per_sample():
     assert torch.equal(dm.batch_transform(x, train=False)[0], x[0].float() / 255)
 
 
+def test_lrunet_pipeline_crops_28_to_32_and_rotates_for_training_only():
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=16, augment=True, crop_size=36, rotation=10, normalization="none")
+    dm.setup()
+    x = dm.splits["train"][0][:8]
+    assert dm.batch_transform(x, train=True).shape == (8, 3, 36, 36)  # 32 + 2 x 4 padding, cropped to 36
+    assert dm.batch_transform(x, train=False).shape == (8, 3, 32, 32)
+    names = [type(t).__name__ for t in dm._augment.transforms]
+    assert names == ["RandomCrop", "RandomRotation", "RandomHorizontalFlip"]
+    with pytest.raises(ValueError, match="rotation"):
+        CIFAR10DataModule(synthetic=True, rotation=-1)
+
+
 @pytest.mark.parametrize(
     "name, features, classes, n_train, n_test",
     [("moons", 2, 2, 480, 120), ("blobs5c", 20, 5, 640, 160), ("digits", 64, 10, 1437, 360),
