@@ -255,3 +255,55 @@ def smooth_(net: nn.Module, cliques: Sequence[Clique] | None = None, fold_bn: bo
         permute_clique_(net, clique, order)
         perms[clique.name] = order
     return SmoothingResult(perms, tv_before, network_tv(net, reduction), before, after, folded)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resampling to another width (spec 9.4.1: warm-start targets; the "resample-only" baseline of 9.5)
+
+
+def _interpolate_axis(t: Tensor, axis: int, size: int) -> Tensor:
+    """Linear interpolation of ``t`` along ``axis`` at the relative positions o/size, o = 0..size-1, of its
+    current length N (source coordinate o * N / size, clamped to N - 1); size == N returns ``t`` unchanged."""
+    n = t.shape[axis]
+    if size == n:
+        return t.clone()
+    pos = torch.arange(size, dtype=torch.float64) * n / size
+    lo = pos.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = (pos - lo).to(t.dtype)
+    shape = [1] * t.dim()
+    shape[axis] = size
+    frac = frac.view(shape)
+    return t.index_select(axis, lo) * (1 - frac) + t.index_select(axis, hi) * frac
+
+
+@torch.no_grad()
+def resample_to_width(net: nn.Module, width: int) -> dict[str, Tensor]:
+    """The generated tensors of ``net`` (a target at width N, BatchNorm folded) resampled to ``width`` h.
+
+    Every clique whose size depends on the width is interpolated along its axis in each generated member
+    (``_interpolate_axis``); on the consumer side (axis 1: the input channels of the next layer) the slice is
+    multiplied by N_c / h_c so that the sum over input channels, and with it the next layer's pre-activation for
+    channels that vary smoothly, is preserved. At h = N the result is the pretrained tensors themselves. These are
+    the warm-start regression targets of spec 9.4.1 and, used directly, the "resample-only" baseline.
+    """
+    if getattr(net, "has_batchnorm", False):
+        raise ValueError("fold BatchNorm (fold_batchnorm_) before resampling: BN statistics are not generated.")
+    source = {c.name: c for c in net.layout.cliques(net.width)}
+    target = {c.name: c for c in net.layout.cliques(width)}
+    state = net.state_dict()
+    out = {name: state[name].detach().clone() for name in net.layout.tensors(net.width)}
+    for name, clique in source.items():
+        new_size = target[name].size
+        if new_size == clique.size:
+            continue
+        for member in clique.members:
+            if member.name not in out:  # a fixed (not generated) tensor of the clique keeps its size
+                continue
+            t = _interpolate_axis(out[member.name], member.axis, new_size)
+            out[member.name] = t * (clique.size / new_size) if member.axis == 1 else t
+    expected = net.layout.tensors(width)
+    wrong = {k: tuple(v.shape) for k, v in out.items() if tuple(v.shape) != tuple(expected[k])}
+    if wrong:
+        raise ValueError(f"resampling gave shapes {wrong}, expected {expected}: a fixed tensor couples a width-dependent clique.")
+    return out

@@ -216,7 +216,19 @@ def _check_common(num_classes: int, stem_width: int | None = None) -> None:
         raise ValueError(f"stem_width must be >= 1, got {stem_width}.")
 
 
-class NeuMetaHead(NeuMetaTarget):
+class _StemTarget(NeuMetaTarget):
+    """Shared bookkeeping of the MLP targets behind a fixed stem (``NeuMetaHead``, ``NeuMetaResidual``)."""
+
+    def _set_sizes(self, input_shape: Sequence[int], num_classes: int, width: int, stem_width: int) -> None:
+        _check_common(num_classes, stem_width)
+        self.input_shape, self.num_classes = tuple(int(v) for v in input_shape), int(num_classes)
+        self.width, self.stem_width = _check_width(width), int(stem_width)
+
+    def _config(self) -> dict:
+        return {"input_shape": self.input_shape, "num_classes": self.num_classes, "stem_width": self.stem_width}
+
+
+class NeuMetaHead(_StemTarget):
     """flatten -> stem D->64 -> ReLU -> fc1 64->h -> ReLU -> fc2 h->K; fc1 and fc2 are generated (T = 4).
 
     Args:
@@ -230,9 +242,7 @@ class NeuMetaHead(NeuMetaTarget):
     def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 64, stem_width: int = 64,
                  batch_norm: bool = False) -> None:
         super().__init__()
-        _check_common(num_classes, stem_width)
-        self.input_shape, self.num_classes = tuple(int(v) for v in input_shape), int(num_classes)
-        self.width, self.stem_width = _check_width(width), int(stem_width)
+        self._set_sizes(input_shape, num_classes, width, stem_width)
         self.layout = HeadLayout(_flat_features(input_shape), self.num_classes, self.stem_width)
         self.stem = nn.Linear(self.layout.in_features, self.stem_width)
         self.bn0 = nn.BatchNorm1d(self.stem_width) if batch_norm else nn.Identity()
@@ -240,15 +250,12 @@ class NeuMetaHead(NeuMetaTarget):
         self.bn1 = nn.BatchNorm1d(self.width) if batch_norm else nn.Identity()
         self.fc2 = nn.Linear(self.width, self.num_classes)
 
-    def _config(self) -> dict:
-        return {"input_shape": self.input_shape, "num_classes": self.num_classes, "stem_width": self.stem_width}
-
     def forward(self, x: Tensor) -> Tensor:
         s = torch.relu(self.bn0(self.stem(x.flatten(1))))
         return self.fc2(torch.relu(self.bn1(self.fc1(s))))
 
 
-class NeuMetaResidual(NeuMetaTarget):
+class NeuMetaResidual(_StemTarget):
     """flatten -> s = ReLU(stem(x)) -> ReLU(s + fc2(ReLU(fc1(s)))) -> fc; fc1 (64->h), fc2 (h->64) generated.
 
     Args:
@@ -262,9 +269,7 @@ class NeuMetaResidual(NeuMetaTarget):
     def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 64, stem_width: int = 64,
                  batch_norm: bool = False) -> None:
         super().__init__()
-        _check_common(num_classes, stem_width)
-        self.input_shape, self.num_classes = tuple(int(v) for v in input_shape), int(num_classes)
-        self.width, self.stem_width = _check_width(width), int(stem_width)
+        self._set_sizes(input_shape, num_classes, width, stem_width)
         self.layout = ResidualLayout(_flat_features(input_shape), self.num_classes, self.stem_width)
         self.stem = nn.Linear(self.layout.in_features, self.stem_width)
         self.bn0 = nn.BatchNorm1d(self.stem_width) if batch_norm else nn.Identity()
@@ -273,9 +278,6 @@ class NeuMetaResidual(NeuMetaTarget):
         self.fc2 = nn.Linear(self.width, self.stem_width)
         self.bn2 = nn.BatchNorm1d(self.stem_width) if batch_norm else nn.Identity()
         self.fc = nn.Linear(self.stem_width, self.num_classes)
-
-    def _config(self) -> dict:
-        return {"input_shape": self.input_shape, "num_classes": self.num_classes, "stem_width": self.stem_width}
 
     def forward(self, x: Tensor) -> Tensor:
         s = torch.relu(self.bn0(self.stem(x.flatten(1))))

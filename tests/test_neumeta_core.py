@@ -20,6 +20,7 @@ from models.neumeta_smoothing import (
     network_tv,
     path_cost,
     permute_clique_,
+    resample_to_width,
     shortest_open_path,
     smooth_,
     tensor_tv,
@@ -383,3 +384,51 @@ def test_merge_with_zero_noise_is_the_clean_sample():
         assert max((merged[k] - clean[k]).abs().max() for k in clean) > 1e-4
     with pytest.raises(ValueError, match="samples must be >= 1"):
         inr.merge(6, 0, 1.0)
+
+
+# --- resampling to another width (spec 9.4.1 warm-start targets, 9.5 "resample-only" baseline) -----------------
+
+
+@pytest.mark.parametrize("kind", ["head", "res", "cnn"])
+def test_resampling_is_the_identity_at_the_pretrained_width_and_has_the_layout_shapes(kind):
+    torch.manual_seed(0)
+    net = build_target(kind, SHAPES[kind], 10, WIDTH[kind])
+    same = resample_to_width(net, WIDTH[kind])
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in same.items())
+    for h in (WIDTH[kind] // 4, WIDTH[kind] // 2 + 1, WIDTH[kind] * 2):
+        resampled = resample_to_width(net, h)
+        assert {k: tuple(v.shape) for k, v in resampled.items()} == net.layout.tensors(h)
+        x = torch.randn(3, *SHAPES[kind])
+        assert functional_call(net.resized(h), resampled, (x,)).shape == (3, 10)
+
+
+def test_resampling_interpolates_linearly_and_preserves_the_consumer_sum():
+    torch.manual_seed(0)
+    net = NeuMetaHead((64,), 10, width=32).eval()
+    with torch.no_grad():
+        # hidden units that vary linearly with their index o: w_o = a + o * b, producer and consumer side alike
+        a, b = torch.randn(64), torch.randn(64) * 0.1
+        net.fc1.weight.copy_(a + torch.arange(32.0)[:, None] * b)
+        net.fc1.bias.fill_(0.5)
+        net.fc2.weight.copy_(torch.randn(10, 1).expand(10, 32))
+    r = resample_to_width(net, 12)
+    pos = torch.arange(12.0) * 32 / 12  # source positions o * N / h, between the pretrained units
+    torch.testing.assert_close(r["fc1.weight"], a + pos[:, None] * b)
+    torch.testing.assert_close(r["fc2.weight"].sum(1), net.fc2.weight.sum(1))  # x N/h keeps the sum over inputs
+    assert torch.equal(r["fc2.bias"], net.fc2.bias) and torch.equal(r["fc1.bias"], torch.full((12,), 0.5))
+
+
+def test_a_width_uniform_network_computes_the_same_function_at_every_resampled_width():
+    torch.manual_seed(0)
+    net = NeuMetaHead((64,), 10, width=32).eval()
+    with torch.no_grad():  # all hidden units identical: any width h with consumer x N/h is the same function
+        net.fc1.weight.copy_(torch.randn(1, 64).expand(32, 64))
+        net.fc1.bias.fill_(0.1)
+        net.fc2.weight.copy_(torch.randn(10, 1).expand(10, 32))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = net(x)
+        for h in (8, 20, 96):
+            torch.testing.assert_close(functional_call(net.resized(h), resample_to_width(net, h), (x,)), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fold BatchNorm"):
+        resample_to_width(NeuMetaHead((64,), 10, width=8, batch_norm=True), 4)
