@@ -432,3 +432,42 @@ def test_a_width_uniform_network_computes_the_same_function_at_every_resampled_w
             torch.testing.assert_close(functional_call(net.resized(h), resample_to_width(net, h), (x,)), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="fold BatchNorm"):
         resample_to_width(NeuMetaHead((64,), 10, width=8, batch_norm=True), 4)
+
+
+def _shrinking_cliques(net, h: int) -> list[tuple[str, int, str]]:
+    """(clique, size at h, producer weight) for the cliques whose size changes between net.width and h."""
+    sizes = {c.name: c.size for c in net.layout.cliques(h)}
+    state = net.state_dict()
+    return [(c.name, sizes[c.name], next(m.name for m in c.members if m.axis == 0 and state[m.name].dim() >= 2))
+            for c in net.layout.cliques(net.width) if sizes[c.name] != c.size]
+
+
+@pytest.mark.parametrize("kind", ["head", "res", "cnn"])
+def test_l1_pruning_keeps_the_largest_channels_and_equals_the_zeroed_wide_network(kind):
+    from models.neumeta_baselines import l1_prune_to_width
+
+    torch.manual_seed(0)
+    net = build_target(kind, SHAPES[kind], 10, WIDTH[kind]).eval()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in l1_prune_to_width(net, WIDTH[kind]).items())
+    h = WIDTH[kind] // 2
+    pruned = l1_prune_to_width(net, h)
+    assert {k: tuple(v.shape) for k, v in pruned.items()} == net.layout.tensors(h)
+    zeroed = copy.deepcopy(net)
+    cliques = {c.name: c for c in net.layout.cliques(net.width)}
+    for name, size, producer in _shrinking_cliques(net, h):
+        weight = net.state_dict()[producer]
+        kept = weight.flatten(1).abs().sum(1).topk(size).indices.sort().values
+        bias = producer.replace("weight", "bias")  # 1-D, so only this clique's cut applies
+        torch.testing.assert_close(pruned[bias], net.state_dict()[bias][kept])  # the largest L1 rows, in order
+        dead = torch.tensor(sorted(set(range(weight.shape[0])) - set(kept.tolist())))
+        with torch.no_grad():  # switch the pruned channels off in the wide network
+            for m in cliques[name].members:
+                if m.axis == 0:
+                    zeroed.get_parameter(m.name).index_fill_(0, dead, 0.0)
+    x = torch.randn(4, *SHAPES[kind])
+    with torch.no_grad():
+        narrow = functional_call(net.resized(h), pruned, (x,))
+        torch.testing.assert_close(narrow, zeroed(x), rtol=1e-5, atol=1e-5)
+        assert (narrow - net(x)).abs().max() > 1e-3  # pruning changed the function
+    with pytest.raises(ValueError, match="only narrow"):
+        l1_prune_to_width(net, WIDTH[kind] * 2)
