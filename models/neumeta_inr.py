@@ -31,7 +31,7 @@ the target's other (fixed) weights come from the module itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -250,3 +250,30 @@ class NeuMetaINR(nn.Module):
             # sample, where sum-then-divide would round.
             mean = {n: m + (sample[n] - m) / k for n, m in mean.items()}
         return mean
+
+
+def relative_mse(generated: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """Mean over tensors of ``||g - w||^2 / ||w||^2``: every tensor counts alike whatever its scale (spec 9.4.1)."""
+    terms = [(generated[k] - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12) for k, w in targets.items()]
+    return torch.stack(terms).mean()
+
+
+def warm_start_(inr: NeuMetaINR, targets: Callable[[int], Mapping[str, Tensor]], widths: Sequence[int],
+                steps: int = 600, lr: float = 1e-3, sigma: float = 0.0, seed: int = 0) -> list[float]:
+    """Width-aware warm start (spec 9.4.1): regress ``inr`` onto ``targets(h)`` at a width h drawn per step from
+    ``widths`` (relative MSE, Adam), with coordinate noise ``sigma``. ``targets`` is typically
+    ``lambda h: resample_to_width(smoothed_net, h)`` (cache it: it is deterministic). In place; returns the loss
+    of every step. Written here because it is a plain regression loop with no Lightning state to keep."""
+    if steps < 1 or not widths:
+        raise ValueError(f"warm start needs steps >= 1 and at least one width; got {steps} and {list(widths)}.")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(inr.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        h = int(widths[int(torch.randint(len(widths), (1,), generator=generator))])
+        loss = relative_mse(inr.generate(h, sigma, generator), targets(h))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -471,3 +471,27 @@ def test_l1_pruning_keeps_the_largest_channels_and_equals_the_zeroed_wide_networ
         assert (narrow - net(x)).abs().max() > 1e-3  # pruning changed the function
     with pytest.raises(ValueError, match="only narrow"):
         l1_prune_to_width(net, WIDTH[kind] * 2)
+
+
+def test_warm_start_fits_the_resampled_targets_at_every_training_width():
+    from models.neumeta_inr import relative_mse, warm_start_
+
+    torch.manual_seed(0)
+    net = NeuMetaHead((64,), 10, width=16).eval()
+    smooth_(net)
+    cache: dict[int, dict[str, Tensor]] = {}
+
+    def targets(h: int) -> dict[str, Tensor]:
+        return cache.setdefault(h, resample_to_width(net, h))
+
+    inr = small_inr(net.layout, norm=16)
+    widths = [8, 12, 16]
+    with torch.no_grad():
+        before = {h: float(relative_mse(inr.generate(h), targets(h))) for h in widths}
+    losses = warm_start_(inr, targets, widths, steps=300, lr=3e-3, sigma=0.0)
+    with torch.no_grad():
+        after = {h: float(relative_mse(inr.generate(h), targets(h))) for h in widths}
+    assert len(losses) == 300 and all(after[h] < 0.5 * before[h] for h in widths), (before, after)
+    assert sum(losses[-50:]) < 0.5 * sum(losses[:50])
+    with pytest.raises(ValueError, match="steps"):
+        warm_start_(inr, targets, widths, steps=0)
