@@ -226,6 +226,21 @@ class ClassificationModule(LightningModule):
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.epochs_trained = int(state.get("epochs_trained", 0))
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, but a checkpoint of another architecture (other widths, another N,
+        another technique) is refused with one sentence instead of torch's list of every key."""
+        if strict:
+            own = self.state_dict()
+            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            wrong = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
+            if missing or unexpected or wrong:
+                raise ValueError(
+                    f"the checkpoint does not fit this {type(self).__name__} with net {type(self.net).__name__} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); pass the config "
+                    "it was trained with (config.yaml in its run directory)."
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # --- accounting and summary -----------------------------------------------------------------------------
     def accounting(self) -> dict[str, Any]:
         """Parameter counts (DESIGN.md), FLOPs per sample and bytes.

@@ -106,3 +106,16 @@ def test_fashion_mnist_resume_equals_uninterrupted(in_tmp):
     assert a["global_step"] == b["global_step"] == 4 * 422
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_sentence():
+    # (through train.py the checkpoint's own hyper-parameters rebuild the net; an imported or hand-made checkpoint
+    # without them meets whatever the config says)
+    from lightning_modules import Baseline
+    from models import MLP
+
+    small = Baseline(net=lambda s, c: MLP(s, c, hidden=[8]), input_shape=(2,), num_classes=2)
+    wide = Baseline(net=lambda s, c: MLP(s, c, hidden=[16]), input_shape=(2,), num_classes=2)
+    with pytest.raises(ValueError, match=r"does not fit this Baseline with net MLP .*other shapes"):
+        wide.load_state_dict(small.state_dict())
+    small.load_state_dict(Baseline(net=lambda s, c: MLP(s, c, hidden=[8]), input_shape=(2,), num_classes=2).state_dict())
