@@ -78,6 +78,7 @@ class LayerCollapse(ClassificationModule):
         self.last_k_blocks, self.block_names, self.slope_lr = last_k_blocks, block_names, slope_lr
         self.collapsed_blocks: list[str] = []  # collapsed in place during training, in order
         self.active_blocks: list[str] | None = None  # set by ProgressiveCollapse: regularise only these
+        self._selected_names: list[str] | None = None  # cache: the selection is fixed; regularization() runs every step
         if not self.selected_block_names():
             raise ValueError("model.net has no CollapsibleBlock matching last_k_blocks/block_names; nothing to collapse.")
         patterns = [re.compile(p) for p in regularize_prelus or []]
@@ -95,12 +96,15 @@ class LayerCollapse(ClassificationModule):
     def selected_block_names(self) -> list[str]:
         """Module paths of the selected blocks, collapsed ones included, in registration order (a fixed list:
         collapsing a block does not shift "the last k" to another one)."""
+        if self._selected_names is not None:
+            return self._selected_names
         names = [n for n, m in self.net.named_modules() if isinstance(m, CollapsibleBlock) or n in self.collapsed_blocks]
         if self.block_names:
             patterns = [re.compile(p) for p in self.block_names]
             names = [n for n in names if any(p.search(n) for p in patterns)]
         if self.last_k_blocks:
             names = names[-self.last_k_blocks :]
+        self._selected_names = names
         return names
 
     def selected_blocks(self) -> dict[str, CollapsibleBlock]:

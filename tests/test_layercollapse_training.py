@@ -134,8 +134,10 @@ def test_regulariser_sees_only_the_active_block():
     module.active_blocks = ["layers.block1"]
     assert list(module.regularized_slopes()) == ["layers.block1"]
     assert module.regularization().item() == pytest.approx((0.01 - 1) ** 2)
-    module.collapse_in_place(["layers.block1"])  # "last k" stays the same blocks after a collapse
-    module.last_k_blocks = 1
+    last = LayerCollapse(net=lambda s, c: CollapsibleMLP(s, c, hidden=[8, 16, 16], collapsible_last=2), input_shape=(4,),
+                         num_classes=3, last_k_blocks=1)
+    last.collapse_in_place(["layers.block1"])  # "last k" stays the same blocks after a collapse
+    module = last
     assert module.selected_block_names() == ["layers.block1"] and module.selected_blocks() == {}
 
 
