@@ -21,8 +21,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._ensure_last(trainer)
+        # Also in epochs without validation (check_val_every_n_epoch > 1) and in the partial epoch a max_steps
+        # stop ends; an epoch whose validation already wrote last.ckpt is skipped (same global step).
+        self._ensure_last(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

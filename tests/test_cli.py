@@ -57,6 +57,14 @@ def test_resume_from_last_equals_an_uninterrupted_run(in_tmp):
     assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b), strict=True))
 
 
+@pytest.mark.parametrize("limit", ["--trainer.max_epochs=3", "--trainer.max_steps=9"])
+def test_last_checkpoint_holds_the_end_of_training_without_validation_every_epoch(in_tmp, limit):
+    # validation only every second epoch; max_steps 9 stops inside an epoch
+    cli = run_cli("fit", *TINY, "--trainer.check_val_every_n_epoch=2", limit, "--test_after_fit=false", *quiet(in_tmp))
+    last = last_state(Path(cli.trainer.log_dir))
+    assert last["global_step"] == cli.trainer.global_step > 0
+
+
 def test_resume_last_without_a_previous_run_says_so(in_tmp):
     with pytest.raises(SystemExit, match="no checkpoints/last.ckpt"):
         run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
