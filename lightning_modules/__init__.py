@@ -7,5 +7,6 @@ from lightning_modules.layercollapse import LayerCollapse
 from lightning_modules.lora import LoRA
 from lightning_modules.morphonet import MorphoNet
 from lightning_modules.morphreuse import MorphReuse
+from lightning_modules.neumeta import NeuMeta
 
-__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse", "LayerReuse"]
+__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse", "LayerReuse", "NeuMeta"]

@@ -100,6 +100,10 @@ class HeadLayout:
     def bn_pairs(self) -> tuple[tuple[str, str], ...]:
         return ("stem", "bn0"), ("fc1", "bn1")
 
+    def relu_producers(self) -> tuple[str, ...]:
+        """Generated modules whose outputs feed a ReLU (their units can die; spec 9.4.6)."""
+        return ("fc1",)
+
 
 @dataclass(frozen=True)
 class ResidualLayout:
@@ -125,6 +129,9 @@ class ResidualLayout:
 
     def bn_pairs(self) -> tuple[tuple[str, str], ...]:
         return ("stem", "bn0"), ("fc1", "bn1"), ("fc2", "bn2")
+
+    def relu_producers(self) -> tuple[str, ...]:
+        return ("fc1",)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,9 @@ class CNNLayout:
 
     def bn_pairs(self) -> tuple[tuple[str, str], ...]:
         return ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")
+
+    def relu_producers(self) -> tuple[str, ...]:
+        return "conv1", "conv2", "conv3"
 
 
 class NeuMetaTarget(nn.Module):

@@ -1,0 +1,181 @@
+"""NeuMeta's LightningModule: one template serves every width through functional_call, the loss terms, the dead-unit
+probe, a short CLI run on digits (per-width metrics, baselines, plot, export, test from the checkpoint), exact
+resume, loading a Baseline-trained target, BatchNorm targets, and clear errors. The full digits_head recipe with the
+spec's acceptance gates (§9.6 7-10) is the slow test at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import ROOT, quiet, run_cli, summary
+from lightning_modules import NeuMeta
+from lightning_modules.neumeta import unit_activity, weighted_recon
+from models import NeuMetaCNN, NeuMetaHead, NeuMetaResidual
+from models.neumeta_inr import NeuMetaINR
+from models.plain_export import load_exported
+
+CONFIG = str(ROOT / "configs/digits/neumeta_head.yaml")
+SMALL = [  # the digits_head recipe cut to seconds: 2 pretraining epochs, 20 warm-start steps, 3 epochs of 21 steps
+    "--config", CONFIG, "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=1",
+    "--model.init_args.pretrain_epochs=2", "--model.init_args.warm_start_steps=20", "--model.init_args.warmup_steps=5",
+    "--model.init_args.inr_hidden=32", "--model.init_args.inr_freqs=4", "--model.init_args.val_samples=2",
+    "--model.init_args.test_samples=3", "--model.init_args.test_widths=[16, 32, 48, 64]",
+]
+
+
+@pytest.mark.parametrize("target", [
+    NeuMetaHead((64,), 10, width=64), NeuMetaResidual((64,), 10, width=64), NeuMetaCNN((1, 12, 12), 10, width=8)])
+def test_one_template_runs_every_width_like_a_network_built_at_that_width(target):
+    torch.manual_seed(0)
+    inr = NeuMetaINR(target.layout, norm=target.width, hidden=16, layers=2, num_freqs=2)
+    x = torch.randn(3, *((64,) if not isinstance(target, NeuMetaCNN) else (1, 12, 12)))
+    for width in (max(1, target.width // 4), target.width - 3):
+        params = inr.generate(width)
+        built = target.resized(width)
+        built.load_state_dict(params, strict=False)
+        expected = built(x)
+        got = torch.func.functional_call(target, params, (x,))
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert all(tuple(built.get_parameter(n).shape) == tuple(t.shape) for n, t in params.items())
+
+
+def test_weighted_recon_is_zero_at_the_target_and_weighs_large_weights_more():
+    w = {"a": torch.tensor([4.0, 0.1])}
+    assert weighted_recon(w, w) == 0
+    big = weighted_recon({"a": torch.tensor([5.0, 0.1])}, w)
+    small = weighted_recon({"a": torch.tensor([4.0, 1.1])}, w)
+    assert big > 10 * small  # same error (1.0) on the large weight counts 40x more
+
+
+def test_unit_activity_finds_dead_units():
+    net = NeuMetaHead((64,), 10, width=8)
+    with torch.no_grad():
+        net.fc1.weight.zero_()
+        net.fc1.bias.copy_(torch.tensor([1.0, -1, 1, -1, 1, -1, -1, -1]))
+    with unit_activity(net, ["fc1"]) as alive:
+        net(torch.randn(4, 64))
+    assert alive["fc1"].tolist() == [True, False, True, False, True, False, False, False]
+    assert NeuMeta._dead_fraction(alive) == pytest.approx(5 / 8)
+    assert not net.fc1._forward_hooks  # hooks live only inside the with block
+
+
+def test_digits_run_reports_every_width_baselines_plot_and_export(in_tmp):
+    cli = run_cli("fit", *SMALL, *quiet(in_tmp))
+    run = Path(cli.trainer.log_dir)
+    result = summary(run)
+    metrics, info = result["metrics"], result["neumeta"]
+    assert result["technique"] == "neumeta" and result["dataset"] == "digits"
+    for h in (16, 32, 48, 64):
+        assert 0 <= metrics[f"test/acc@h={h}"] <= 1 and 0 <= metrics[f"test/dead@h={h}"] <= 1
+        assert f"test/l1_prune/acc@h={h}" in metrics and f"test/resample/acc@h={h}" in metrics
+    assert metrics["test/acc"] == pytest.approx((metrics["test/acc@h=32"] + metrics["test/acc@h=48"] + metrics["test/acc@h=64"]) / 3)
+    # at h = N the L1 "pruning" and the resampling keep the pretrained net itself
+    assert metrics["test/l1_prune/acc@h=64"] == metrics["test/resample/acc@h=64"] == metrics["test/pretrained/acc"] > 0.8
+    assert [r["width"] for r in info["accuracy_vs_width"]] == [16, 32, 48, 64]
+    assert info["preparation"]["tv_after"] < info["preparation"]["tv_before"]
+    assert result["params"]["trainable"] == info["inr_parameters"]
+    assert result["params"]["total"] == info["inr_parameters"] + 64 * 64 + 64  # the INR and the frozen stem
+    assert result["params"]["nonzero"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10  # the deployed width-64 net
+    assert (run / "accuracy_vs_width.png").stat().st_size > 10_000
+    exported = load_exported(run / "exported.pt")
+    x = torch.randn(5, 64)
+    module = cli.model.eval()
+    assert torch.allclose(exported(x), module(x), atol=1e-6)
+    # test from the checkpoint: same numbers (the smoothed template, INR and EMA are all in it)
+    again = run_cli("test", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints/last.ckpt'}",
+                    *quiet(in_tmp, "retest"))
+    retest = summary(Path(again.trainer.log_dir))["metrics"]
+    for key in ("test/acc@h=16", "test/acc@h=64", "test/pretrained/acc", "test/l1_prune/acc@h=32"):
+        assert retest[key] == metrics[key]
+
+
+def _inr_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("inr.", "ema.", "net."))}
+
+
+def test_interrupted_run_resumes_to_identical_inr_and_ema(in_tmp):
+    full = run_cli("fit", *SMALL, "--test_after_fit=false", *quiet(in_tmp, "full"))
+    config = yaml.safe_load(Path(CONFIG).read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "conftest.StopAfter", "init_args": {"epochs": 2}}]
+    stop_config = in_tmp / "stop.yaml"
+    stop_config.write_text(yaml.safe_dump(config))
+    run_cli("fit", "--config", str(stop_config), *SMALL[2:], "--test_after_fit=false", *quiet(in_tmp, "cut"))
+    resumed = run_cli("fit", *SMALL, "--test_after_fit=false", *quiet(in_tmp, "cut"), "--ckpt_path=last")
+    a = _inr_state(Path(full.trainer.log_dir) / "checkpoints/last.ckpt")
+    b = _inr_state(Path(resumed.trainer.log_dir) / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_a_baseline_trained_target_is_loaded_and_smoothing_keeps_its_function(in_tmp):
+    base = run_cli("fit", "--config", str(ROOT / "configs/digits/baseline.yaml"), "--model.init_args.net=models.NeuMetaHead",
+                   "--model.init_args.net.init_args.width=64", "--trainer.max_epochs=2", *quiet(in_tmp, "base"))
+    base_run = Path(base.trainer.log_dir)
+    base_acc = summary(base_run)["metrics"]["test/acc"]
+    ckpt = next((base_run / "checkpoints").glob("best*.ckpt"))
+    cli = run_cli("fit", *SMALL, f"--model.init_args.pretrained={ckpt}", "--trainer.max_epochs=1", *quiet(in_tmp))
+    result = summary(Path(cli.trainer.log_dir))
+    assert result["metrics"]["test/pretrained/acc"] == pytest.approx(base_acc)
+    assert result["neumeta"]["preparation"]["pretrained_from"] == str(ckpt)
+
+
+def test_batchnorm_target_is_folded_and_tests_from_its_checkpoint(in_tmp):
+    cli = run_cli("fit", *SMALL, "--model.init_args.net.init_args.batch_norm=true", "--trainer.max_epochs=1", *quiet(in_tmp))
+    run = Path(cli.trainer.log_dir)
+    first = summary(run)
+    assert first["neumeta"]["preparation"]["folded_batchnorm"] == ["bn0", "bn1"]
+    again = run_cli("test", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints/last.ckpt'}",
+                    *quiet(in_tmp, "retest"))
+    assert summary(Path(again.trainer.log_dir))["metrics"]["test/acc@h=32"] == first["metrics"]["test/acc@h=32"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"train_widths": (40, 20)}, "model.train_widths"),
+    ({"sigma": -1.0}, "model.sigma"),
+    ({"ema_decay": 1.0}, "model.ema_decay"),
+    ({"test_widths": [0, 8]}, "model.test_widths"),
+    ({"test_samples": 0}, "model.test_samples"),
+    ({"pretrain_epochs": 0}, "model.pretrain_epochs"),
+])
+def test_bad_settings_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        NeuMeta(net=lambda s, c: NeuMetaHead(s, c, width=16), input_shape=(64,), num_classes=10, **override)
+
+
+def test_a_network_that_is_no_neumeta_target_is_refused():
+    with pytest.raises(ValueError, match="model.net must be a NeuMeta target"):
+        NeuMeta(net=lambda s, c: nn.Sequential(nn.Flatten(), nn.Linear(64, c)), input_shape=(64,), num_classes=10)
+
+
+def test_missing_or_mismatched_pretrained_target_is_refused(in_tmp):
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        run_cli("fit", *SMALL, "--model.init_args.pretrained=nowhere.ckpt", *quiet(in_tmp))
+    torch.save(NeuMetaHead((64,), 10, width=32).state_dict(), in_tmp / "narrow.pt")
+    with pytest.raises(ValueError, match="does not hold a NeuMetaHead of width 64"):
+        run_cli("fit", *SMALL, f"--model.init_args.pretrained={in_tmp / 'narrow.pt'}", *quiet(in_tmp))
+
+
+def test_testing_an_untrained_model_says_what_to_do(in_tmp):
+    with pytest.raises(ValueError, match="run fit first or pass --ckpt_path"):
+        run_cli("test", *SMALL, *quiet(in_tmp))
+
+
+@pytest.mark.slow
+def test_digits_head_recipe_meets_the_acceptance_gates(in_tmp):
+    """Spec §9.6 7-10 on the full configs/digits/neumeta_head.yaml (about 3 minutes on 2 quiet cores)."""
+    torch.set_num_threads(1)  # tiny ops: one thread is faster than two on a shared 2-core box
+    cli = run_cli("fit", "--config", CONFIG, "--model.init_args.test_widths=[16, 24, 32, 48, 64]", *quiet(in_tmp))
+    result = summary(Path(cli.trainer.log_dir))
+    m, check = result["metrics"], result["neumeta"]["collapse_check"]
+    pretrained = m["test/pretrained/acc"]
+    assert pretrained >= 0.95
+    assert not check["collapsed"] and check["accuracy_spread"] > 0.01 and check["max_dead_in_training_range"] < 0.5
+    for h in (32, 48, 64):
+        assert m[f"test/acc@h={h}"] >= pretrained - 0.03, (h, m[f"test/acc@h={h}"], pretrained)
+    assert m["test/acc@h=32"] >= m["test/l1_prune/acc@h=32"]
