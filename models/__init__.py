@@ -20,11 +20,11 @@ from models.mlp import MLP
 from models.mobile_baselines import MobileNetV1, MobileNetV2Small, ShuffleNetV1, ShuffleNetV2Small
 from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
-from models.neumeta_targets import NeuMetaCNN, NeuMetaHead, NeuMetaResidual
+from models.neumeta_targets import NeuMetaCNN, NeuMetaHead, NeuMetaResidual, NeuMetaResNet20
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
            "MorphoMLP", "MorphoCNN", "MorphoTransformer", "CollapsibleBlock", "CollapsibleMLP", "collapse_chain",
            "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlps_",
            "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer",
            "LruNet", "MobileNetV1", "MobileNetV2Small", "ShuffleNetV1", "ShuffleNetV2Small",
-           "NeuMetaHead", "NeuMetaResidual", "NeuMetaCNN"]
+           "NeuMetaHead", "NeuMetaResidual", "NeuMetaCNN", "NeuMetaResNet20"]
