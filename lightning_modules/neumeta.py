@@ -16,7 +16,8 @@ when h = N (or every step at width N with ``recon_every_step``). The EMA of the 
 Evaluation (§5): for each width, the EMA INR's weights of K samples (the clean one and K − 1 noisy ones) are
 averaged into one network. Metrics per width: ``val/acc@h=32``, ``test/acc@h=32``, the fraction of dead units of
 the generated ReLU layers (``test/dead@h=32``) and, at test, the baselines at the same widths: the pretrained net
-(``test/pretrained/acc``), structured L1 pruning without fine-tuning (``test/l1_prune/acc@h=..``) and the smoothed
+(``test/pretrained/acc``), the generated part zeroed (``test/zeroed/acc``: the identity path of a residual
+target), structured L1 pruning without fine-tuning (``test/l1_prune/acc@h=..``) and the smoothed
 weights resampled without training (``test/resample/acc@h=..``). ``val/acc`` and ``test/acc`` are the means over
 the evaluated widths inside the training range. The accuracy-vs-width table goes to summary.json, the plot to
 ``accuracy_vs_width.png`` and TensorBoard.
@@ -101,6 +102,9 @@ class NeuMeta(ClassificationModule):
         sigma: coordinate noise σ in training and in the K − 1 noisy evaluation samples.
         reg_weight, recon_weight, recon_every_step: the loss terms (§4.1.5, §9.4.5).
         warm_start_steps, warm_start_lr: width-aware warm start (§9.4.1); 0 steps turns it off.
+        warm_start_widths: ``[lo, hi]`` of the warm start's widths (default ``train_widths``). The targets are the
+            smoothed weights resampled to h (no data), so a range reaching below the trained widths prepares the
+            INR for widths CE training never sees.
         warmup_steps, schedule: linear LR warm-up over the first steps (§9.4.2), then cosine decay to 0 over the
             run (``cosine``) or a constant LR (``constant``).
         ema_decay: EMA of the INR weights used for evaluation; ``None`` evaluates the raw INR.
@@ -135,6 +139,7 @@ class NeuMeta(ClassificationModule):
         recon_every_step: bool = False,
         warm_start_steps: int = 600,
         warm_start_lr: float = 1e-3,
+        warm_start_widths: tuple[int, int] | None = None,
         warmup_steps: int = 200,
         schedule: Literal["cosine", "constant"] = "cosine",
         ema_decay: float | None = 0.995,
@@ -150,6 +155,8 @@ class NeuMeta(ClassificationModule):
         n = self.full_width = self.net.width
         lo, hi = train_widths if train_widths is not None else (max(1, n // 2), n)
         self.train_widths = (int(lo), int(hi))
+        ws_lo, ws_hi = warm_start_widths if warm_start_widths is not None else self.train_widths
+        self.warm_start_widths = (int(ws_lo), int(ws_hi))
         self.val_widths = sorted(set(val_widths if val_widths is not None else
                                      [max(1, n // 4), max(1, n // 2), max(1, 3 * n // 4), n]))
         step = max(1, n // 16)
@@ -160,6 +167,7 @@ class NeuMeta(ClassificationModule):
             "model.train_widths": (1 <= lo <= hi, f"[lo, hi] with 1 <= lo <= hi, got {list(self.train_widths)}"),
             "model.val_widths": (min(self.val_widths, default=0) >= 1, f"a non-empty list of widths >= 1, got {val_widths}"),
             "model.test_widths": (min(self.test_widths, default=0) >= 1, f"a non-empty list of widths >= 1, got {test_widths}"),
+            "model.warm_start_widths": (1 <= ws_lo <= ws_hi, f"[lo, hi] with 1 <= lo <= hi, got {warm_start_widths}"),
             "model.deploy_width": (self.deploy_width >= 1, f"a width >= 1, got {deploy_width}"),
             "model.sigma": (sigma >= 0, f">= 0, got {sigma}"),
             "model.pretrain_epochs": (pretrain_epochs >= 0, f">= 0, got {pretrain_epochs}"),
@@ -195,6 +203,7 @@ class NeuMeta(ClassificationModule):
         methods = ("neumeta", "l1_prune", "resample")
         self.test_width_acc = nn.ModuleDict({_key(m, h): self._accuracy() for m in methods for h in self.test_widths})
         self.test_pretrained_acc = self._accuracy()
+        self.test_zeroed_acc = self._accuracy()
         self.preparation: dict[str, Any] = {}
         self.width_table: list[dict[str, Any]] = []
         self._params_cache: dict[int, dict[str, Tensor]] = {}
@@ -278,7 +287,7 @@ class NeuMeta(ClassificationModule):
                     targets[h] = resample_to_width(self.net, h)
                 return targets[h]
 
-            lo, hi = self.train_widths
+            lo, hi = self.warm_start_widths
             losses = warm_start_(self.inr, resampled, list(range(lo, hi + 1)), steps=self.warm_start_steps,
                                  lr=self.warm_start_lr, sigma=self.sigma, seed=global_seed())
             facts["warm_start_loss"] = [losses[0], losses[-1]]
@@ -484,6 +493,8 @@ class NeuMeta(ClassificationModule):
         self._evaluate(self._test_methods, self.test_width_acc, batch)
         x, y = batch
         self.test_pretrained_acc.update(self.run_at({}, x), y)
+        zeroed = {name: torch.zeros_like(t) for name, t in self.pretrained_tensors().items()}
+        self.test_zeroed_acc.update(self.run_at(zeroed, x), y)
 
     def on_test_epoch_end(self) -> None:
         dead = self._dead_by_width()
@@ -504,6 +515,9 @@ class NeuMeta(ClassificationModule):
         pretrained = float(self.test_pretrained_acc.compute())
         self.test_pretrained_acc.reset()
         self.log("test/pretrained/acc", pretrained)
+        # generated tensors all zero: for a residual target the identity path alone (the dead-block signature, §6.3)
+        self.log("test/zeroed/acc", float(self.test_zeroed_acc.compute()))
+        self.test_zeroed_acc.reset()
         trained = self._in_range(self.test_widths) or self.test_widths
         self.log("test/acc", sum(r["neumeta"] for r in table if r["width"] in trained) / len(trained))
         self.width_table = table

@@ -88,10 +88,18 @@ def test_every_config_parses(config, capsys):
     assert f"name: {config[len('configs/'):-len('.yaml')]}" in printed  # runs land in runs/<dataset>/<config>
 
 
+# each preset with an experiment of its technique and a line the composed config must contain
+PRESET_EXPERIMENTS = {
+    "configs/presets/morphreuse_parity.yaml": ("configs/fashion_mnist/morphreuse.yaml", "class_path: models.SharedCoreMLP"),
+    "configs/presets/neumeta_faithful.yaml": ("configs/fashion_mnist/neumeta_head.yaml", "faithful_routing: true"),
+}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_with_an_experiment(preset, capsys):
-    printed = print_config(capsys, "configs/fashion_mnist/morphreuse.yaml", preset)
-    assert "class_path: models.SharedCoreMLP" in printed
+    assert preset in PRESET_EXPERIMENTS, f"add {preset} to PRESET_EXPERIMENTS"
+    experiment, expected = PRESET_EXPERIMENTS[preset]
+    assert expected in print_config(capsys, experiment, preset)
 
 
 def test_predict_returns_one_class_per_test_sample(in_tmp):

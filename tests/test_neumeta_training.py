@@ -179,3 +179,18 @@ def test_digits_head_recipe_meets_the_acceptance_gates(in_tmp):
     for h in (32, 48, 64):
         assert m[f"test/acc@h={h}"] >= pretrained - 0.03, (h, m[f"test/acc@h={h}"], pretrained)
     assert m["test/acc@h=32"] >= m["test/l1_prune/acc@h=32"]
+
+
+def test_resnet20_last_block_runs_end_to_end_on_synthetic_cifar(in_tmp):
+    # synthetic images only exercise the pipeline (BN folding of the whole ResNet, smoothing, 3x3 kernels from
+    # the INR, functional_call through the residual net); real CIFAR is needed for numbers
+    cli = run_cli("fit", "--config", str(ROOT / "configs/cifar10/neumeta_resnet20.yaml"), "--model.init_args.pretrained=null",
+                  "--data.init_args.synthetic=true", "--data.init_args.synthetic_size=256", "--data.init_args.augment=false",
+                  "--trainer.max_epochs=1", "--model.init_args.pretrain_epochs=1", "--model.init_args.warm_start_steps=5",
+                  "--model.init_args.warmup_steps=2", "--model.init_args.inr_hidden=16", "--model.init_args.inr_freqs=2",
+                  "--model.init_args.val_samples=1", "--model.init_args.test_samples=2",
+                  "--model.init_args.val_widths=[16, 64]", "--model.init_args.test_widths=[16, 64]", *quiet(in_tmp))
+    result = summary(Path(cli.trainer.log_dir))
+    assert len(result["neumeta"]["preparation"]["folded_batchnorm"]) == 21
+    assert result["metrics"]["test/l1_prune/acc@h=64"] == result["metrics"]["test/pretrained/acc"]
+    assert {"test/acc@h=16", "test/zeroed/acc"} <= result["metrics"].keys()
