@@ -201,14 +201,12 @@ class NeuMeta(ClassificationModule):
         self.relu_producers = self.net.layout.relu_producers()
         self.val_width_acc = nn.ModuleDict({_key("neumeta", h): self._accuracy() for h in self.val_widths})
         methods = ("neumeta", "l1_prune", "resample")
-        self.test_width_acc = nn.ModuleDict({_key(m, h): self._accuracy() for m in methods for h in self.test_widths})
-        self.test_pretrained_acc = self._accuracy()
-        self.test_zeroed_acc = self._accuracy()
+        self.test_width_acc = nn.ModuleDict({_key(m, h): self._accuracy() for m in methods for h in self.test_widths}
+                                            | {_key(m, n): self._accuracy() for m in ("pretrained", "zeroed")})
         self.preparation: dict[str, Any] = {}
         self.width_table: list[dict[str, Any]] = []
-        self._params_cache: dict[int, dict[str, Tensor]] = {}
+        self._params_cache: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._alive: dict[int, dict[str, Tensor]] = {}
-        self._baselines: dict[str, dict[int, dict[str, Tensor]]] = {}
 
     def _accuracy(self) -> MulticlassAccuracy:
         return MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
@@ -220,14 +218,15 @@ class NeuMeta(ClassificationModule):
         return self.ema.module if self.ema is not None else self.inr
 
     def generated_parameters(self, width: int, samples: int) -> dict[str, Tensor]:
-        """K-sample merged weights of the width-``width`` network from the evaluation INR (cached until the next
-        training step). The noise comes from a private generator seeded by (seed, width): reproducible, and it
+        """K-sample merged weights of the width-``width`` network from the evaluation INR (cached per (width, K)
+        until the next training step or checkpoint load). The noise comes from a private generator seeded by (seed, width): reproducible, and it
         leaves the global RNG (training data order, width sampling) alone."""
-        if width not in self._params_cache:
+        key = (width, samples)
+        if key not in self._params_cache:
             generator = torch.Generator(device=self.device).manual_seed(global_seed() * 1_000_003 + width)
             with torch.no_grad():
-                self._params_cache[width] = self.eval_inr.merge(width, samples, self.sigma, generator)
-        return self._params_cache[width]
+                self._params_cache[key] = self.eval_inr.merge(width, samples, self.sigma, generator)
+        return self._params_cache[key]
 
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """The smoothed pretrained values of the generated tensors at width N (the reconstruction targets)."""
@@ -322,18 +321,16 @@ class NeuMeta(ClassificationModule):
 
         A plain loop rather than a nested Trainer: the target is a small network trained once before the INR,
         inside this run's fit (its own loggers, callbacks and checkpoints belong to the INR)."""
-        datamodule = self.trainer.datamodule
-        loader = datamodule.train_dataloader()
-        sampler = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+        loader = self.trainer.datamodule.train_dataloader()
         self.net.requires_grad_(True).train()
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.pretrain_lr)
         torch.manual_seed(global_seed())
         losses = []
         with torch.enable_grad():
             for epoch in range(self.pretrain_epochs):
-                for candidate in (sampler, getattr(loader, "sampler", None)):
-                    if hasattr(candidate, "set_epoch"):
-                        candidate.set_epoch(epoch)
+                for sampler in (loader.sampler, loader.batch_sampler):  # a new shuffle each epoch
+                    if hasattr(sampler, "set_epoch"):
+                        sampler.set_epoch(epoch)
                 total, count = 0.0, 0
                 for x, y in loader:
                     x, y = x.to(self.device), y.to(self.device)
@@ -452,7 +449,6 @@ class NeuMeta(ClassificationModule):
 
     def on_validation_epoch_start(self) -> None:
         self._require_prepared("validate")
-        self._params_cache.clear()
         self._alive = {}
         self._val_methods = {"neumeta": {h: self.generated_parameters(h, self.val_samples) for h in self.val_widths}}
 
@@ -470,7 +466,6 @@ class NeuMeta(ClassificationModule):
         trained = self._in_range(self.val_widths) or self.val_widths
         mean = sum(acc[h] for h in trained) / len(trained)
         self.log("val/acc", mean, prog_bar=True)
-        self._params_cache.clear()  # validation used K = val_samples; the forward/export uses test_samples
         if self.trainer.sanity_checking:
             return
         self.val_acc_best(torch.tensor(mean))
@@ -479,7 +474,6 @@ class NeuMeta(ClassificationModule):
 
     def on_test_start(self) -> None:
         self._require_prepared("test")
-        self._params_cache.clear()
         self._alive = {}
         n = self.full_width
         narrow = [h for h in self.test_widths if h <= n]
@@ -487,14 +481,13 @@ class NeuMeta(ClassificationModule):
             "neumeta": {h: self.generated_parameters(h, self.test_samples) for h in self.test_widths},
             "l1_prune": {h: l1_prune_to_width(self.net, h) for h in narrow},
             "resample": {h: resample_to_width(self.net, h) for h in narrow},
+            "pretrained": {n: {}},  # the template's own (smoothed pretrained) tensors
+            # generated tensors all zero: for a residual target the identity path alone (the dead-block signature, §6.3)
+            "zeroed": {n: {name: torch.zeros_like(t) for name, t in self.pretrained_tensors().items()}},
         }
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(self._test_methods, self.test_width_acc, batch)
-        x, y = batch
-        self.test_pretrained_acc.update(self.run_at({}, x), y)
-        zeroed = {name: torch.zeros_like(t) for name, t in self.pretrained_tensors().items()}
-        self.test_zeroed_acc.update(self.run_at(zeroed, x), y)
 
     def on_test_epoch_end(self) -> None:
         dead = self._dead_by_width()
@@ -512,18 +505,16 @@ class NeuMeta(ClassificationModule):
             for method in ("l1_prune", "resample"):
                 if row[method] is not None:
                     self.log(f"test/{method}/acc@h={h}", row[method])
-        pretrained = float(self.test_pretrained_acc.compute())
-        self.test_pretrained_acc.reset()
-        self.log("test/pretrained/acc", pretrained)
-        # generated tensors all zero: for a residual target the identity path alone (the dead-block signature, §6.3)
-        self.log("test/zeroed/acc", float(self.test_zeroed_acc.compute()))
-        self.test_zeroed_acc.reset()
+        pretrained, zeroed = (self.test_width_acc[_key(m, self.full_width)] for m in ("pretrained", "zeroed"))
+        self.pretrained_test_acc = float(pretrained.compute())
+        self.log("test/pretrained/acc", self.pretrained_test_acc)
+        self.log("test/zeroed/acc", float(zeroed.compute()))
+        pretrained.reset()
+        zeroed.reset()
         trained = self._in_range(self.test_widths) or self.test_widths
         self.log("test/acc", sum(r["neumeta"] for r in table if r["width"] in trained) / len(trained))
         self.width_table = table
-        self.pretrained_test_acc = pretrained
         self._test_methods = {}
-        self._params_cache.clear()
 
     def collapse_check(self) -> dict[str, Any]:
         """Spec 9.4.6 / 9.6.8: collapsed if accuracy is width-invariant (spread <= 1 point over the tested widths)
