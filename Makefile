@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data run test test-slow bench tensorboard clean
+.PHONY: install data run readme test test-slow bench tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,14 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
+# The main job: every technique on real FashionMNIST, short budgets (configs/suites/quick.yaml, < 15 min on 2 cores).
+# Finished runs are skipped, so an interrupted `make run` continues where it stopped.
 run: install data
-	$(PY) train.py fit --config configs/fashion_mnist/baseline.yaml
+	$(PY) compare.py run quick
+
+# Rewrite README's quick-suite block (table + plot) from results/quick/ (run `make run` first).
+readme: install
+	$(PY) compare.py report quick --readme README.md
 
 test: install data
 	$(PY) -m pytest
@@ -34,7 +40,7 @@ bench: install data
 	$(PY) benchmarks/overhead.py --config configs/fashion_mnist/baseline.yaml
 
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir runs
+	$(VENV)/bin/tensorboard --logdir_spec runs:runs,results:results
 
 clean:
 	rm -rf runs .pytest_cache

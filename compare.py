@@ -1,89 +1,112 @@
-"""Compare runs: collect every ``summary.json`` under a directory and tabulate mean +- std per experiment.
+"""Compare techniques on the same data: run a suite, then tabulate and plot accuracy against size and cost.
 
-    python compare.py table runs/                 # markdown table on stdout
-    python compare.py table runs/ --csv out.csv   # and one row per run as CSV
+    python compare.py run configs/suites/quick.yaml                      # run what is missing, then report
+    python compare.py run configs/suites/fashion_mnist.yaml --only lora --seeds 1    # one technique, one seed
+    python compare.py run configs/suites/quick.yaml --dry-run            # print the train.py commands
+    python compare.py report configs/suites/quick.yaml [--readme README.md]   # re-write the report only
+    python compare.py table runs/ [--csv out.csv]                        # tabulate any directory of runs
 
-An experiment is the directory above a run's version directory (``runs/<dataset>/<config>/version_N``), so
-seeds of one config (``version: seed0``, ``seed1``, ...) form one row.
+Every run is ``python train.py fit --config ...`` (the same LightningCLI, in a child process), so a suite run is
+reproducible by hand from the command at the top of its log. ``results/<suite>/`` receives ``results.csv`` (one
+row per run), ``results.md`` (mean ± std per experiment), ``tradeoff.png`` and TensorBoard events
+(``tensorboard/``). Latency is measured inside each run on the deployed model (``models/latency.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import statistics
+import sys
 from pathlib import Path
 
-
-def collect(root: Path) -> list[dict]:
-    """One flat record per run: experiment name, seed, metrics and accounting."""
-    records = []
-    for path in sorted(root.rglob("summary.json")):
-        summary = json.loads(path.read_text())
-        record = {
-            "experiment": path.parent.parent.relative_to(root).as_posix(),
-            "run": path.parent.name,
-            "technique": summary["technique"],
-            "dataset": summary["dataset"],
-            "seed": summary["seed"],
-            **{k: v for k, v in summary["metrics"].items()},
-            **{f"params/{k}": v for k, v in summary["params"].items()},
-            "flops_per_sample": summary["flops_per_sample"],
-            "model_bytes": summary["model_bytes"],
-            "epochs": summary["epochs"],
-            "seconds_per_epoch": summary["seconds_per_epoch"],
-        }
-        records.append(record)
-    return records
+from comparison.report import (
+    collect,
+    log_to_tensorboard,
+    markdown_table,
+    splice_readme,
+    tradeoff_figure,
+    write_csv,
+)
+from comparison.suite import ROOT, Runner, Suite, load_suite
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def report(suite: Suite, results: Path, readme: Path | None = None) -> str:
+    """Write ``results.csv``, ``results.md``, ``tradeoff.png`` and TensorBoard events for the finished runs."""
+    out = results / suite.name
+    labels = [e.label for e in suite.experiments]
+    records = [r for r in collect(out / "runs", finished_only=True) if r["experiment"] in labels]
+    if not records:
+        raise SystemExit(f"no finished run of suite {suite.name} under {out / 'runs'}; run: python compare.py run {suite.name}")
+    datasets = sorted({r["dataset"] for r in records})
+    threads = sorted({r["latency_threads"] for r in records if r["latency_threads"] is not None})
+    seeds = sorted({r["seed"] for r in records})
+    table = markdown_table(records, labels)
+    notes = (
+        f"Suite `{suite.name}` on {', '.join(datasets)}: {len(records)} runs, seeds {seeds}, "
+        f"{sum(r['train_seconds'] or 0 for r in records) / 60:.1f} min of training. "
+        f"Latency: median forward time of the deployed model, {threads or '?'} thread(s). "
+        f"Parameter counts as in `models/accounting.py`; exact values in `results.csv`."
+    )
+    write_csv(records, out / "results.csv")
+    title = f"{suite.name}: {', '.join(datasets)} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+    figure = tradeoff_figure(records, title, labels)
+    figure.savefig(out / "tradeoff.png", dpi=110)
+    (out / "results.md").write_text(f"{notes}\n\n{table}\n\n![trade-off](tradeoff.png)\n")
+    log_to_tensorboard(out / "tensorboard", f"{notes}\n\n{table}", figure)
+    print(f"\n{table}\n\n{notes}\nwrote {out}/results.csv, results.md, tradeoff.png, tensorboard/")
+    if readme is not None:
+        image = (out / "tradeoff.png").resolve().relative_to(readme.resolve().parent)
+        if not splice_readme(readme, suite.name, f"{notes}\n\n{table}\n\n![{suite.name} trade-off]({image.as_posix()})\n"):
+            raise SystemExit(f"{readme} has no <!-- suite:{suite.name}:begin --> ... <!-- suite:{suite.name}:end --> block.")
+        print(f"updated the {suite.name} block of {readme}")
+    return table
 
 
-def markdown_table(records: list[dict]) -> str:
-    """Per experiment: test accuracy, parameters, FLOPs, bytes and time, mean ± std over its runs."""
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record["experiment"], []).append(record)
-    lines = [
-        "| experiment | data | runs | test acc (%) | params total | trainable | nonzero | FLOPs/sample | bytes | s/epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, runs in groups.items():
-        first = runs[0]
-        lines.append(
-            f"| {name} | {first['dataset']} | {len(runs)} | {_mean_std([r.get('test/acc') for r in runs], 100)} "
-            f"| {first['params/total']:,} | {first['params/trainable']:,} | {first['params/nonzero']:,} "
-            f"| {first['flops_per_sample']:,} | {first['model_bytes']:,} | {_mean_std([r['seconds_per_epoch'] for r in runs], 1, 1)} |"
-        )
-    return "\n".join(lines)
+def _suite_path(name: str) -> Path:
+    """A suite by path or by name (``quick`` -> ``configs/suites/quick.yaml``)."""
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") else ROOT / "configs" / "suites" / f"{name}.yaml"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite's missing runs, then write its report")
+    run.add_argument("suite", help="a suite file or the name of one in configs/suites/")
+    run.add_argument("--only", nargs="+", metavar="LABEL", help="run only these experiments")
+    run.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
+    run.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs and stop")
+    run.add_argument("--verbose", action="store_true", help="show each run's output and progress bar")
+    rep = sub.add_parser("report", help="write the table and plots of a suite's finished runs")
+    rep.add_argument("suite")
+    rep.add_argument("--readme", type=Path, help="also replace the suite's block in this markdown file")
+    for p in (run, rep):
+        p.add_argument("--results", type=Path, default=ROOT / "results", help="where results/<suite>/ lives")
     table = sub.add_parser("table", help="tabulate the summary.json files under a directory")
     table.add_argument("root", type=Path)
     table.add_argument("--csv", type=Path, help="also write one row per run to this CSV file")
-    args = parser.parse_args()
-    records = collect(args.root)
-    if not records:
-        raise SystemExit(f"no summary.json under {args.root}")
-    print(markdown_table(records))
-    if args.csv:
-        fields = sorted({k for r in records for k in r}, key=lambda k: (k not in records[0], k))
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(records)
+    args = parser.parse_args(argv)
+
+    if args.command == "table":
+        records = collect(args.root)
+        if not records:
+            raise SystemExit(f"no summary.json under {args.root}")
+        print(markdown_table(records))
+        if args.csv:
+            write_csv(records, args.csv)
+        return 0
+    suite = load_suite(_suite_path(args.suite))
+    if args.command == "report":
+        report(suite, args.results, args.readme)
+        return 0
+    failed = Runner(suite, args.results, verbose=args.verbose).run(args.only, args.seeds, dry_run=args.dry_run)
+    if not args.dry_run:
+        report(suite, args.results)
+    if failed:
+        print(f"failed runs: {', '.join(failed)} (their logs are in {args.results / suite.name / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from datamodules.tensor_data import global_seed
 from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
+from models.latency import measure_latency
 
 NetworkFactory = Callable[[Sequence[int], int], nn.Module]
 """A network class given in YAML by ``class_path``/``init_args``; called as ``net(input_shape, num_classes)``."""
@@ -251,8 +252,7 @@ class ClassificationModule(LightningModule):
         model = self.deployed_model()
         was_training = model.training
         model.eval()
-        example = self.example_input_array
-        example = tuple(_to_device(e, self.device) for e in example) if isinstance(example, tuple) else (_to_device(example, self.device),)
+        example = self._example_args()
         flops = flops_per_sample(lambda: model(*example), batch_size=1)
         model.train(was_training)
         counts = {
@@ -262,6 +262,15 @@ class ClassificationModule(LightningModule):
             "dense_equivalent": self.dense_equivalent_parameters(model),
         }
         return {"params": counts, "flops_per_sample": flops, "model_bytes": model_bytes(model)}
+
+    def _example_args(self) -> tuple:
+        """``example_input_array`` as positional arguments on this module's device."""
+        example = self.example_input_array
+        return tuple(_to_device(e, self.device) for e in example) if isinstance(example, tuple) else (_to_device(example, self.device),)
+
+    def latency(self) -> dict[str, Any]:
+        """Inference latency of the deployed model at batch 1 and 256 (``models.latency``: warm-up, median)."""
+        return measure_latency(self.deployed_model(), self._example_args())
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -318,6 +327,7 @@ class ClassificationModule(LightningModule):
             "seconds_per_epoch": round(self.train_seconds / self.epochs_trained, 3) if self.epochs_trained else None,
             "stage": stage,
             "checkpoint": getattr(trainer, "ckpt_path", None),
+            **({"latency": self.latency()} if stage == "test" else {}),
             **self.summary_extras(),
         }
         path = Path(trainer.log_dir) / "summary.json"

@@ -70,7 +70,7 @@ def test_resume_last_without_a_previous_run_says_so(in_tmp):
         run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
 
 
-EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "presets")
+EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("presets", "suites"))
 PRESETS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/presets").glob("*.yaml"))
 
 

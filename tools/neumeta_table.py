@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare import _mean_std  # noqa: E402
+from comparison.report import mean_std  # noqa: E402
 
 
 def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
@@ -29,12 +29,12 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
         column = lambda group, key: [s["neumeta"]["accuracy_vs_width"][i][key] for s in group  # noqa: E731
                                      if s["neumeta"]["accuracy_vs_width"][i][key] is not None]
         mark = "" if lo <= width <= hi else " (unseen)"
-        cells = [f"{width}{mark}", _mean_std(column(summaries, "neumeta"), 100),
-                 *[_mean_std(column(group, "neumeta"), 100) for group in others.values()],
-                 _mean_std(column(summaries, "l1_prune"), 100), _mean_std(column(summaries, "resample"), 100)]
+        cells = [f"{width}{mark}", mean_std(column(summaries, "neumeta"), 100),
+                 *[mean_std(column(group, "neumeta"), 100) for group in others.values()],
+                 mean_std(column(summaries, "l1_prune"), 100), mean_std(column(summaries, "resample"), 100)]
         lines.append("| " + " | ".join(cells) + " |")
     pretrained = [s["metrics"]["test/pretrained/acc"] for s in summaries]
-    lines.append(f"| pretrained (h = {hi}) | {_mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
+    lines.append(f"| pretrained (h = {hi}) | {mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
     return "\n".join(lines)
 
 

@@ -1,0 +1,1 @@
+"""The comparison harness behind compare.py: suites of runs (suite.py) and their report (report.py)."""
