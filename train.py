@@ -9,8 +9,14 @@ resumes the newest run of the same logger name in its own version directory.
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+import sys
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -53,9 +59,36 @@ class MorphLabCLI(LightningCLI):
             help="fit: which checkpoint test_after_fit tests: best on the monitored metric, or last (e.g. the end of a pruning schedule).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before any hook: check the file first
+        # (LightningCLI then lets the checkpoint's hyperparameters override the config's, model class included)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path not in (None, "last", "best", "hpc", "registry"):
+            trained = check_checkpoint(path).get("hyper_parameters", {}).get("_class_path")
+            model = self.config[subcommand].get("model")
+            wanted = model.get("class_path") if model is not None else None
+            if trained and wanted and trained != wanted:
+                raise ValueError(
+                    f"--ckpt_path {path} holds a {trained} but the config's model is {wanted}; pass the config it was "
+                    "trained with (config.yaml in its run directory)."
+                )
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_last_version(self.config.fit)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run that fails before its first checkpoint leaves no half-written run directory behind."""
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        fresh = log_dir is not None and not log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if fresh and self.trainer.is_global_zero and log_dir.exists() and not list(log_dir.glob("checkpoints/*.ckpt")):
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     @staticmethod
     def _resume_into_last_version(config) -> None:
@@ -66,7 +99,7 @@ class MorphLabCLI(LightningCLI):
         run_root = Path(logger.init_args.save_dir) / logger.init_args.name
         candidates = [p.parent.parent for p in run_root.glob("version_*/checkpoints/last.ckpt")]
         if not candidates:
-            raise SystemExit(f"--ckpt_path last: no checkpoints/last.ckpt under {run_root}/version_*; start with fit first.")
+            raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last.ckpt under {run_root}/version_*; start with fit first.")
         newest = max(candidates, key=lambda p: int(p.name.split("_")[1]))
         logger.init_args.version = int(newest.name.split("_")[1])
 
@@ -95,5 +128,49 @@ def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
     )
 
 
+def check_checkpoint(path: str) -> dict:
+    """The checkpoint (memory-mapped), or a one-sentence refusal of a missing, truncated, corrupt or code-carrying
+    file: loading is ``weights_only``, so a checkpoint cannot run code."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"--ckpt_path {path} holds objects other than tensors and plain containers, which are not loaded "
+            f"(weights_only=True; {str(error).splitlines()[0][:120]})."
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for a torn or foreign file
+        raise ValueError(
+            f"--ckpt_path {path} is not a readable checkpoint (truncated or corrupt: {str(error).splitlines()[0][:120]})."
+        ) from None
+
+
+# Errors of configuration and input: their message is the whole story (MORPHLAB_TRACEBACK=1 shows the traceback).
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+# jsonargparse wraps an error raised while instantiating a class given as a union (callbacks) in a list of every
+# type it tried; the specific line is the one that is not about types.
+GENERIC_LINES = ("Not a valid subclass", "Expected a", "Subclass types expect", "a class path", "a dict ")
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line[2:] for line in lines[1:] if line.startswith("- ") and not line[2:].startswith(GENERIC_LINES)]
+    return specific[0] if specific else (lines[0] if lines else type(error).__name__)
+
+
+def cli(args: list[str] | None = None) -> None:
+    """The command line: ``main``, but a user error ends with one line on stderr and exit status 2."""
+    try:
+        main(args)
+    except USER_ERRORS as error:
+        if os.environ.get("MORPHLAB_TRACEBACK"):
+            raise
+        print(f"train.py: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,9 @@
-"""Checkpointing for resumable runs: best on the monitored metric, and ``last.ckpt`` after every epoch."""
+"""Checkpointing for resumable runs: best on the monitored metric, and ``last.ckpt`` after every epoch, each
+written atomically (a kill mid-write leaves the previous file intact)."""
 
 from __future__ import annotations
+
+import os
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,7 +16,18 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     ``monitor=val/acc, save_top_k=1`` an epoch that does not improve leaves ``last.ckpt`` one or more epochs
     behind and ``fit --ckpt_path last`` would silently repeat epochs. After Lightning's own logic has run, this
     subclass writes ``last.ckpt`` for any epoch that did not get one.
+
+    Every file is written as ``<name>.part`` next to its target and renamed over it (``os.replace``, atomic on
+    POSIX). Lightning's own write goes through an fsspec transaction that stages the file in the system temp
+    directory and *moves* it, which is a copy, not a rename, when that directory is on another file system.
     """
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        partial = f"{filepath}.part"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
 
     def _ensure_last(self, trainer: Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

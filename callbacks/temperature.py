@@ -36,7 +36,7 @@ class TemperatureAnnealing(Callback):
         until: float = 1.0,
     ) -> None:
         if start <= 0 or end <= 0:
-            raise ValueError(f"temperature start and end must be > 0, got start={start}, end={end}.")
+            raise ValueError(f"TemperatureAnnealing.start and .end must be > 0 (temperatures), got start={start}, end={end}.")
         if schedule not in ("linear", "exponential"):
             raise ValueError(f"TemperatureAnnealing.schedule must be linear or exponential; got {schedule!r}.")
         if interval not in ("step", "epoch"):

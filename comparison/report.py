@@ -119,6 +119,7 @@ def tradeoff_figure(records: list[dict], title: str, order: list[str] | None = N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     groups = group(records, order)
     datasets = list(dict.fromkeys(runs[0]["dataset"] for runs in groups.values()))
@@ -135,9 +136,11 @@ def tradeoff_figure(records: list[dict], title: str, order: list[str] | None = N
             x = statistics.mean(r[key] for r in runs)
             ax.errorbar(x, mean, yerr=std, marker=markers[i % len(markers)], color=f"C{i % 10}", markersize=7,
                         capsize=3, linestyle="none", label=f"{name} ({len(accs)})")
+            ax.annotate(name, (x, mean), textcoords="offset points", xytext=(6, 5), fontsize=7, color=f"C{i % 10}")
     for dataset, row in zip(datasets, axes):
         for ax, (_, label) in zip(row, METRIC_AXES):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled decades only: minor labels overlap
             ax.set_xlabel(label + ", log scale")
             ax.grid(True, which="both", alpha=0.3)
             ax.margins(x=0.15)

@@ -80,6 +80,8 @@ class ClassificationModule(LightningModule):
         example = getattr(self.net, "example_input", None)
         # a dict input is wrapped in a tuple so that Lightning passes it as one positional argument
         self.example_input_array = (example(),) if callable(example) else torch.zeros(1, *self.input_shape)
+        if not callable(example):
+            self._check_input_shape()
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -97,6 +99,27 @@ class ClassificationModule(LightningModule):
         self.epochs_trained = 0
         self._epoch_start: float | None = None
         self._summary_metrics: dict[str, float] = {}
+
+    def _check_input_shape(self) -> None:
+        """One forward of a zero input: a network that does not fit the data's shape or classes is refused here,
+        in one sentence, instead of by a matrix-size error in the first training step."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                out = self.net(self.example_input_array)
+        except RuntimeError as error:
+            raise ValueError(
+                f"model.net {type(self.net).__name__} does not accept inputs of shape {list(self.input_shape)} (the data's "
+                f"input_shape): {str(error).splitlines()[0][:160]}."
+            ) from None
+        finally:
+            self.net.train(was_training)
+        if tuple(out.shape) != (1, self.num_classes):
+            raise ValueError(
+                f"model.net {type(self.net).__name__} returns {list(out.shape)} for one input, but the data has "
+                f"{self.num_classes} classes (expected [1, {self.num_classes}])."
+            )
 
     # --- hooks for techniques -----------------------------------------------------------------------------
     def build_network(self, net: NetworkFactory) -> nn.Module:
@@ -223,9 +246,12 @@ class ClassificationModule(LightningModule):
         checkpoint["morphlab"] = {"train_seconds": self.train_seconds + running, "epochs_trained": done}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("morphlab", {})
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.epochs_trained = int(state.get("epochs_trained", 0))
+        # Resuming, or testing a checkpoint in a new process, takes the run's time from the checkpoint; testing the
+        # best checkpoint right after fit keeps the whole fit's (the best epoch may be an early one).
+        if self.epochs_trained == 0:
+            state = checkpoint.get("morphlab", {})
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.epochs_trained = int(state.get("epochs_trained", 0))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, but a checkpoint of another architecture (other widths, another N,

@@ -164,11 +164,14 @@ class NeuMeta(ClassificationModule):
             set() if test_widths is not None else {n}))
         self.deploy_width = n if deploy_width is None else int(deploy_width)
         checks = {
-            "model.train_widths": (1 <= lo <= hi, f"[lo, hi] with 1 <= lo <= hi, got {list(self.train_widths)}"),
-            "model.val_widths": (min(self.val_widths, default=0) >= 1, f"a non-empty list of widths >= 1, got {val_widths}"),
-            "model.test_widths": (min(self.test_widths, default=0) >= 1, f"a non-empty list of widths >= 1, got {test_widths}"),
-            "model.warm_start_widths": (1 <= ws_lo <= ws_hi, f"[lo, hi] with 1 <= lo <= hi, got {warm_start_widths}"),
-            "model.deploy_width": (self.deploy_width >= 1, f"a width >= 1, got {deploy_width}"),
+            # the target (model.net) at width N is the largest network there is a template for
+            "model.train_widths": (1 <= lo <= hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n} (the target's width), got {list(self.train_widths)}"),
+            "model.val_widths": (1 <= min(self.val_widths, default=0) and max(self.val_widths) <= n,
+                                 f"a non-empty list of widths in [1, {n}], got {val_widths}"),
+            "model.test_widths": (1 <= min(self.test_widths, default=0) and max(self.test_widths) <= n,
+                                  f"a non-empty list of widths in [1, {n}], got {test_widths}"),
+            "model.warm_start_widths": (1 <= ws_lo <= ws_hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n}, got {warm_start_widths}"),
+            "model.deploy_width": (1 <= self.deploy_width <= n, f"a width in [1, {n}], got {deploy_width}"),
             "model.sigma": (sigma >= 0, f">= 0, got {sigma}"),
             "model.pretrain_epochs": (pretrain_epochs >= 0, f">= 0, got {pretrain_epochs}"),
             "model.warm_start_steps": (warm_start_steps >= 0, f">= 0, got {warm_start_steps}"),

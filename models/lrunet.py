@@ -111,7 +111,7 @@ class LruNet(nn.Module):
         if width not in LRUNET_WIDTHS:
             raise ValueError(f"width must be one of {LRUNET_WIDTHS} (the stem is fixed at 64 channels), got {width!r}.")
         if reuse < 1:
-            raise ValueError(f"reuse must be an integer >= 1, got {reuse!r}.")
+            raise ValueError(f"model.net.reuse (LruNet) must be an integer >= 1, got {reuse!r}.")
         if mode not in LRUNET_MODES:
             raise ValueError(f"mode must be one of {LRUNET_MODES}, got {mode!r}.")
         if not 0.0 <= dropout < 1.0:

@@ -122,6 +122,11 @@ class SharedCoreMLP(nn.Module):
         super().__init__()
         if activation not in ("none", "relu", "gelu"):
             raise ValueError(f"model.net.activation must be one of none, relu, gelu; got {activation!r}.")
+        if core_dim < 1 or expand <= 0 or not widths or min(widths) < 1:
+            raise ValueError(
+                f"model.net needs core_dim >= 1, expand > 0 and a non-empty list of widths >= 1; got core_dim={core_dim}, "
+                f"expand={expand}, widths={list(widths)}."
+            )
         self.core = SharedResidualCore(core_dim, expand, layer_norm, gate_init)
         dims = [math.prod(input_shape), *widths, num_classes]
         self.adapters = nn.ModuleList(

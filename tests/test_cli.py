@@ -66,7 +66,7 @@ def test_last_checkpoint_holds_the_end_of_training_without_validation_every_epoc
 
 
 def test_resume_last_without_a_previous_run_says_so(in_tmp):
-    with pytest.raises(SystemExit, match="no checkpoints/last.ckpt"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
         run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
 
 

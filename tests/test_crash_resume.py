@@ -1,0 +1,91 @@
+"""Exact resume after a crash, per technique: train, SIGKILL the process in the middle of epoch k + 1, resume with
+``fit --ckpt_path last``, and compare with an uninterrupted run. Weights, optimizer state, callback state (temperature,
+sparsity target, pruning counters, collapsed structure), loops and logged metrics must be identical on CPU.
+
+Slow (a child process per technique): ``make test-slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, quiet, run_cli, summary
+
+DIGITS = ["--data", "datamodules.TabularDataModule", "--data.init_args.dataset=digits", "--data.init_args.batch_size=64"]
+TECHNIQUES = {  # small runs of every technique: 4 epochs (NeuMeta: its own schedule), killed in epoch 2
+    "baseline": ["--config", "configs/moons/baseline.yaml", "--model.init_args.net.init_args.dropout=0.2",
+                 "--trainer.max_epochs=4"],
+    "morphreuse": ["--config", "configs/fashion_mnist/morphreuse.yaml", *DIGITS, "--trainer.max_epochs=4",
+                   "--model.init_args.net.init_args.widths=[64]", "--model.init_args.net.init_args.core_dim=32"],
+    "lora": ["--config", "configs/fashion_mnist/lora.yaml", *DIGITS, "--trainer.max_epochs=4",
+             "--model.init_args.net.init_args.hidden=[64, 64]"],
+    "morphonet": ["--config", "configs/moons/morphonet_intended.yaml", "--trainer.max_epochs=4",
+                  "--trainer.callbacks.warmup_epochs=1"],
+    "layercollapse": ["--config", "configs/fashion_mnist/layercollapse_progressive.yaml", *DIGITS, "--trainer.max_epochs=4",
+                      "--model.init_args.net.init_args.hidden=[32, 64, 64]", "--model.init_args.lc_weight=10.0",
+                      "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=0.02",
+                      "--model.init_args.lr_scheduler=null"],
+    "lrunet": ["--config", "configs/cifar10/lrunet.yaml", "--data.init_args.synthetic=true",
+               "--data.init_args.synthetic_size=128", "--data.init_args.batch_size=16", "--data.init_args.eval_batch_size=64",
+               "--model.init_args.net.init_args.reuse=3", "--trainer.max_epochs=4"],
+    "neumeta": ["--config", "configs/digits/neumeta_head.yaml", "--trainer.max_steps=-1", "--trainer.max_epochs=4",
+                "--model.init_args.pretrain_epochs=2", "--model.init_args.warm_start_steps=20",
+                "--model.init_args.warmup_steps=5", "--model.init_args.inr_hidden=32", "--model.init_args.inr_freqs=4",
+                "--model.init_args.val_samples=2", "--model.init_args.test_samples=2",
+                "--model.init_args.test_widths=[32, 64]"],
+}
+KILL = ["--trainer.callbacks+=crash.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1"]
+TIMING = ("train_seconds", "seconds_per_epoch")
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def same(x, y) -> bool:
+    """Equal nested state: tensors bit for bit, everything else by ==."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
+def callback_states(ckpt: dict) -> dict:
+    """Callback states without the checkpoint callback's own (it holds the run's paths) and the crash."""
+    return {k: v for k, v in ckpt["callbacks"].items() if "Checkpoint" not in k and "KillAt" not in k}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(technique, in_tmp):
+    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in TECHNIQUES[technique]]
+    straight = run_cli("fit", *args, *quiet(in_tmp, "straight"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    killed = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args, *KILL, *quiet(in_tmp, "crashed")],
+                            cwd=in_tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    crashed = in_tmp / "crashed" / "version_0"
+    assert checkpoint(crashed)["epoch"] == 1  # the last whole epoch before the kill
+    resumed = run_cli("fit", *args, "--ckpt_path=last", *quiet(in_tmp, "crashed"))
+    assert Path(resumed.trainer.log_dir) == crashed
+
+    a, b = checkpoint(Path(straight.trainer.log_dir)), checkpoint(crashed)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, different
+    assert same(a["optimizer_states"], b["optimizer_states"]) and same(a["lr_schedulers"], b["lr_schedulers"])
+    assert same(callback_states(a), callback_states(b)), (callback_states(a), callback_states(b))
+    assert same(a.get("morphlab", {}).get("epochs_trained"), b.get("morphlab", {}).get("epochs_trained"))
+    first, second = summary(Path(straight.trainer.log_dir)), summary(crashed)
+    assert first["metrics"] == second["metrics"] and first["params"] == second["params"]
+    assert first["epochs"] == second["epochs"]
