@@ -137,6 +137,8 @@ class LayerCollapse(ClassificationModule):
         self.log("sched/lambda", self.current_lambda())
         for name, block in self.selected_blocks().items():
             self.log(f"compact/slope/{name}", block.slope())
+        for name in self.collapsed_blocks:  # collapsed = exactly linear: slope 1 (a resumed run logs the same)
+            self.log(f"compact/slope/{name}", 1.0)
         self.log("compact/collapsed_blocks", float(len(self.collapsed_blocks)))
 
     def optimizer_parameters(self) -> Any:

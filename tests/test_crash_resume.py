@@ -16,17 +16,18 @@ import pytest
 import torch
 
 from conftest import ROOT, quiet, run_cli, summary
+from test_morphonet_training import small_config
 
 DIGITS = ["--data", "datamodules.TabularDataModule", "--data.init_args.dataset=digits", "--data.init_args.batch_size=64"]
-TECHNIQUES = {  # small runs of every technique: 4 epochs (NeuMeta: its own schedule), killed in epoch 2
+TECHNIQUES = {  # small runs of every technique, each killed after batch 1 of epoch 2 (the third)
     "baseline": ["--config", "configs/moons/baseline.yaml", "--model.init_args.net.init_args.dropout=0.2",
                  "--trainer.max_epochs=4"],
     "morphreuse": ["--config", "configs/fashion_mnist/morphreuse.yaml", *DIGITS, "--trainer.max_epochs=4",
                    "--model.init_args.net.init_args.widths=[64]", "--model.init_args.net.init_args.core_dim=32"],
     "lora": ["--config", "configs/fashion_mnist/lora.yaml", *DIGITS, "--trainer.max_epochs=4",
              "--model.init_args.net.init_args.hidden=[64, 64]"],
-    "morphonet": ["--config", "configs/moons/morphonet_intended.yaml", "--trainer.max_epochs=4",
-                  "--trainer.callbacks.warmup_epochs=1"],
+    # moons, 6 epochs: warm-up 1, temperature and sparsity ramps, pruning after epochs 2, 4 and 6
+    "morphonet": lambda tmp: ["--config", small_config(tmp)],
     "layercollapse": ["--config", "configs/fashion_mnist/layercollapse_progressive.yaml", *DIGITS, "--trainer.max_epochs=4",
                       "--model.init_args.net.init_args.hidden=[32, 64, 64]", "--model.init_args.lc_weight=10.0",
                       "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=0.02",
@@ -67,7 +68,8 @@ def callback_states(ckpt: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(technique, in_tmp):
-    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in TECHNIQUES[technique]]
+    args = TECHNIQUES[technique](in_tmp) if callable(TECHNIQUES[technique]) else TECHNIQUES[technique]
+    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in args]
     straight = run_cli("fit", *args, *quiet(in_tmp, "straight"))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args, *KILL, *quiet(in_tmp, "crashed")],
