@@ -54,9 +54,10 @@ class ConnectivityImages(Callback):
                     experiment.add_image(f"compact/mask_layer{index}", mask_image(layer)[None], trainer.current_epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if not trainer.is_global_zero or not log_dir:
             return
-        out = Path(trainer.log_dir)
+        out = Path(log_dir)
         layers = pl_module.net.morpho_layers()
         fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), squeeze=False)
         for index, (ax, layer) in enumerate(zip(axes[0], layers)):

@@ -338,7 +338,8 @@ class ClassificationModule(LightningModule):
                 self._summary_metrics[key] = float(value)
         if stage == "fit":
             self._summary_metrics["val/acc_best"] = float(self.val_acc_best.compute()) if self.val_acc_best.update_count else float("nan")
-        if trainer.global_rank != 0 or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
+        if trainer.global_rank != 0 or log_dir is None:
             return None
         datamodule = trainer.datamodule
         summary = {
@@ -356,7 +357,7 @@ class ClassificationModule(LightningModule):
             **({"latency": self.latency()} if stage == "test" else {}),
             **self.summary_extras(),
         }
-        path = Path(trainer.log_dir) / "summary.json"
+        path = Path(log_dir) / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.part")
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")

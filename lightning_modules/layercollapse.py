@@ -209,10 +209,11 @@ class LayerCollapse(ClassificationModule):
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
-        if self.trainer.global_rank == 0 and self.trainer.log_dir:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if log_dir and self.trainer.global_rank == 0:
             # the deployed (collapsed) network and, for before/after comparisons, the network as trained
-            save_exported(self.deployed_model(), Path(self.trainer.log_dir) / "exported.pt")
-            save_exported(copy.deepcopy(self.net).eval(), Path(self.trainer.log_dir) / "uncollapsed.pt")
+            save_exported(self.deployed_model(), Path(log_dir) / "exported.pt")
+            save_exported(copy.deepcopy(self.net).eval(), Path(log_dir) / "uncollapsed.pt")
 
     # --- structure in checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -189,8 +189,9 @@ class MorphoNet(ClassificationModule):
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
-        if self.trainer.global_rank == 0 and self.trainer.log_dir:
-            save_exported(self.export(), Path(self.trainer.log_dir) / "exported.pt")
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if log_dir and self.trainer.global_rank == 0:
+            save_exported(self.export(), Path(log_dir) / "exported.pt")
 
     def summary_extras(self) -> dict[str, Any]:
         exported = self.export()

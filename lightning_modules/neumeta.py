@@ -537,17 +537,19 @@ class NeuMeta(ClassificationModule):
         if check.get("collapsed"):
             rank_zero_warn(f"NeuMeta looks collapsed (spec 9.4.6): {check}.")
         super().on_test_end()
-        if self.trainer.global_rank == 0 and self.trainer.log_dir and self.width_table:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if log_dir and self.trainer.global_rank == 0 and self.width_table:
             figure = plot_accuracy_vs_width(self.width_table, self.pretrained_test_acc, self.full_width,
-                                            self.train_widths, Path(self.trainer.log_dir) / "accuracy_vs_width.png")
+                                            self.train_widths, Path(log_dir) / "accuracy_vs_width.png")
             experiment = getattr(self.trainer.logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
                 experiment.add_figure("test/accuracy_vs_width", figure, self.global_step)
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
-        if self.trainer.global_rank == 0 and self.trainer.log_dir:
-            save_exported(self.deployed_model(), Path(self.trainer.log_dir) / "exported.pt")
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if log_dir and self.trainer.global_rank == 0:
+            save_exported(self.deployed_model(), Path(log_dir) / "exported.pt")
 
     # --- checkpoints and summary --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
