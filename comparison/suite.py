@@ -131,12 +131,11 @@ class Runner:
     def run_dir(self, experiment: Experiment, seed: int) -> Path:
         return self.runs_dir / experiment.label / f"seed{seed}"
 
-    def finished(self, experiment: Experiment, seed: int) -> bool:
+    def test_summary(self, experiment: Experiment, seed: int) -> dict | None:
+        """The run's ``summary.json`` if it comes from a test (the run is finished), else None."""
         path = self.run_dir(experiment, seed) / "summary.json"
-        if not path.is_file():
-            return False
-        summary = json.loads(path.read_text())
-        return summary.get("stage") == "test" and "test/acc" in summary.get("metrics", {})
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        return summary if summary.get("stage") == "test" and "test/acc" in summary.get("metrics", {}) else None
 
     def command(self, experiment: Experiment, seed: int) -> list[str]:
         """The ``train.py fit`` command line of one run (resuming from its ``last.ckpt`` when there is one)."""
@@ -159,7 +158,7 @@ class Runner:
     def run(self, only: list[str] | None = None, seeds: list[int] | None = None, dry_run: bool = False) -> list[str]:
         """Run what is missing; returns the names of failed runs."""
         runs = self.suite.runs(only, seeds)
-        todo = [(e, s) for e, s in runs if not self.finished(e, s)]
+        todo = [(e, s) for e, s in runs if self.test_summary(e, s) is None]
         print(f"suite {self.suite.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run -> {self.out}", flush=True)
         failed, durations, start = [], [], time.perf_counter()
         for index, (experiment, seed) in enumerate(todo, 1):
@@ -178,9 +177,9 @@ class Runner:
             print(f"[{index}/{len(todo)}] {name}{' (resuming from last.ckpt)' if resuming else ''}{eta}", flush=True)
             seconds, code = self._execute(cmd, self.log_path(experiment, seed))
             durations.append(seconds)
-            if code == 0 and self.finished(experiment, seed):
-                acc = json.loads((run_dir / "summary.json").read_text())["metrics"]["test/acc"]
-                print(f"      done in {seconds:.0f} s: test acc {100 * acc:.2f} %", flush=True)
+            summary = self.test_summary(experiment, seed) if code == 0 else None
+            if summary is not None:
+                print(f"      done in {seconds:.0f} s: test acc {100 * summary['metrics']['test/acc']:.2f} %", flush=True)
             else:
                 failed.append(name)
                 print(f"      FAILED (exit {code}) after {seconds:.0f} s; the end of its log:", flush=True)

@@ -269,13 +269,14 @@ class ClassificationModule(LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- accounting and summary -----------------------------------------------------------------------------
-    def accounting(self) -> dict[str, Any]:
+    def accounting(self, deployed: nn.Module | None = None) -> dict[str, Any]:
         """Parameter counts (DESIGN.md), FLOPs per sample and bytes.
 
-        ``total``/``trainable`` describe the network as trained; ``nonzero``, FLOPs and bytes the deployed one.
+        ``total``/``trainable`` describe the network as trained; ``nonzero``, FLOPs and bytes the deployed one
+        (``deployed``, built with ``deployed_model()`` when not given).
         """
         params = list(self.net.parameters())
-        model = self.deployed_model()
+        model = self.deployed_model() if deployed is None else deployed
         was_training = model.training
         model.eval()
         example = self._example_args()
@@ -294,9 +295,9 @@ class ClassificationModule(LightningModule):
         example = self.example_input_array
         return tuple(_to_device(e, self.device) for e in example) if isinstance(example, tuple) else (_to_device(example, self.device),)
 
-    def latency(self) -> dict[str, Any]:
+    def latency(self, deployed: nn.Module | None = None) -> dict[str, Any]:
         """Inference latency of the deployed model at batch 1 and 256 (``models.latency``: warm-up, median)."""
-        return measure_latency(self.deployed_model(), self._example_args())
+        return measure_latency(self.deployed_model() if deployed is None else deployed, self._example_args())
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -342,19 +343,20 @@ class ClassificationModule(LightningModule):
         if trainer.global_rank != 0 or log_dir is None:
             return None
         datamodule = trainer.datamodule
+        deployed = self.deployed_model()  # built once: export, collapse or generation can be costly
         summary = {
             "technique": self.technique,
             "dataset": getattr(datamodule, "name", None),
             "data_source": getattr(datamodule, "source", None),
             "seed": global_seed(),
             "metrics": dict(sorted(self._summary_metrics.items())),
-            **self.accounting(),
+            **self.accounting(deployed),
             "epochs": self.epochs_trained,
             "train_seconds": round(self.train_seconds, 3),
             "seconds_per_epoch": round(self.train_seconds / self.epochs_trained, 3) if self.epochs_trained else None,
             "stage": stage,
             "checkpoint": getattr(trainer, "ckpt_path", None),
-            **({"latency": self.latency()} if stage == "test" else {}),
+            **({"latency": self.latency(deployed)} if stage == "test" else {}),
             **self.summary_extras(),
         }
         path = Path(log_dir) / "summary.json"

@@ -564,8 +564,8 @@ class NeuMeta(ClassificationModule):
             fold_batchnorm_(self.net)  # the checkpoint holds the folded target: match its keys
         self._params_cache.clear()
 
-    def accounting(self) -> dict[str, Any]:
-        facts = super().accounting()
+    def accounting(self, deployed: nn.Module | None = None) -> dict[str, Any]:
+        facts = super().accounting(deployed)
         stored = self.stored_parameters()
         facts["params"]["total"] = sum(p.numel() for p in stored)
         facts["params"]["trainable"] = sum(p.numel() for p in self.inr.parameters())
