@@ -31,6 +31,8 @@ LOGGER_DEFAULT = {
     "init_args": {"save_dir": "runs", "name": "default"},
 }
 
+GLOBAL_BATCH_LAYERS = {"class_path": "lightning_modules.distributed.GlobalBatchLayers"}
+
 
 class MorphLabCLI(LightningCLI):
     """LightningCLI with morphlab's links, forced callbacks and resume-into-the-same-run behaviour."""
@@ -122,7 +124,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": LOGGER_DEFAULT, "log_every_n_steps": 10},
+        # GlobalBatchLayers: under DDP, BatchNorm and Dropout act on the global batch (lightning_modules/distributed.py)
+        trainer_defaults={"logger": LOGGER_DEFAULT, "log_every_n_steps": 10, "plugins": GLOBAL_BATCH_LAYERS},
         args=args,
         run=run,
     )

@@ -221,7 +221,7 @@ class SST2DataModule(TensorDataModule):
         uids, y = self.splits[split]
         seed = global_seed() if self.shuffle_seed is None else self.shuffle_seed
         batch_size = self.batch_size if train else self.eval_batch_size
-        sampler = EpochBatchSampler(len(uids), batch_size, shuffle=train, seed=seed)
+        sampler = EpochBatchSampler(len(uids), batch_size, shuffle=train, seed=seed, **self.process_share())
         dataset = TokenBatches(uids, y, self.input_ids, self.lengths)
         # batch_size=None and a private generator: see TensorDataModule._loader.
         return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))

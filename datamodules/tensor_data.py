@@ -3,8 +3,10 @@
 Every datamodule here holds its splits as tensors and yields batches with ``dataset[index_tensor]`` instead of
 collating samples one by one (for a small MLP the per-sample path costs more than the model). The batch order
 of epoch ``e`` is a permutation seeded with ``(seed, e)``: a run resumed from an epoch-end checkpoint sees the
-same batches as an uninterrupted one. Lightning calls ``set_epoch`` on the sampler at every epoch start (and
-wraps it for DDP, which then shards whole batches across processes).
+same batches as an uninterrupted one. Lightning calls ``set_epoch`` on the sampler at every epoch start.
+
+``batch_size`` is the global batch: in DDP every process takes its slice of each batch (see
+``lightning_modules/distributed.py``), so a run on W processes trains on the batches of the run on one.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class IndexedTensors(Dataset):
-    """``dataset[indices] -> (transform(x[indices]), y[indices])`` for a whole batch at once."""
+    """``dataset[indices] -> (transform(x[indices], indices), y[indices])`` for a whole batch at once."""
 
-    def __init__(self, x: Tensor, y: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, x: Tensor, y: Tensor, transform: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         if len(x) != len(y):
             raise ValueError(f"inputs and labels differ in length: {len(x)} vs {len(y)}.")
         self.x, self.y, self.transform = x, y, transform
@@ -33,21 +35,40 @@ class IndexedTensors(Dataset):
 
     def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
         xb = self.x[index]
-        return (self.transform(xb) if self.transform else xb), self.y[index]
+        return (self.transform(xb, index) if self.transform else xb), self.y[index]
 
 
-class EpochBatchSampler(Sampler[Tensor]):
-    """Index batches of ``range(n)``, shuffled by a permutation seeded with ``(seed, epoch)``."""
+class EpochBatchSampler(DistributedSampler):
+    """Index batches of ``range(n)``, shuffled by a permutation seeded with ``(seed, epoch)``; with ``num_replicas``
+    W > 1, process ``rank`` gets its slice of every batch (``torch.tensor_split``: sizes differ by at most 1).
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
+    A ``DistributedSampler`` only so that Lightning does not wrap it in one of its own (which would deal out
+    whole batches round-robin and pad the last round with repeated batches). With W > 1, a final batch of fewer
+    than W samples joins the batch before it, so that no process gets an empty slice.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ is not called: it wants a dataset and the process group, this needs neither.
+        if 0 < n < num_replicas:
+            raise ValueError(f"a split of {n} sample(s) cannot be shared by {num_replicas} processes; use fewer devices.")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _bounds(self) -> list[int]:
+        """Start of every global batch, and the end."""
+        stop = self.n - self.n % self.batch_size if self.drop_last else self.n
+        bounds = list(range(0, stop, self.batch_size)) + [stop]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < self.num_replicas:
+            del bounds[-2]
+        return bounds
+
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return len(self._bounds()) - 1
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.shuffle:
@@ -55,8 +76,17 @@ class EpochBatchSampler(Sampler[Tensor]):
             order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.arange(self.n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size]
+        bounds = self._bounds()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            batch = order[start:end]
+            yield batch if self.num_replicas == 1 else torch.tensor_split(batch, self.num_replicas)[self.rank]
+
+
+def sample_keys(seed: int, epoch: int, index: Tensor) -> Tensor:
+    """One seed per sample, ``((seed * 1_000_003 + epoch) * 1_000_033 + index) mod 2**32``: 32 bits because
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed."""
+    base = (seed * 1_000_003 + epoch) * 1_000_033 % 2**32
+    return (base + index.long()) % 2**32
 
 
 def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -123,7 +153,9 @@ class TensorDataModule(LightningDataModule, ABC):
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return ``(x_train, y_train, x_test, y_test)`` and set ``self.source`` to where they came from."""
 
-    def batch_transform(self, x: Tensor, train: bool) -> Tensor:
+    def batch_transform(self, x: Tensor, train: bool, keys: Tensor | None = None) -> Tensor:
+        """Per-batch conversion. ``keys``: one seed per training sample, a function of (seed, epoch, sample index),
+        for random augmentation that does not depend on the batch, the process or the global RNG."""
         return x.float()
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
@@ -153,12 +185,22 @@ class TensorDataModule(LightningDataModule, ABC):
             self.setup()
         x, y = self.splits[split]
         seed = global_seed() if self.shuffle_seed is None else self.shuffle_seed
-        sampler = EpochBatchSampler(len(x), self.batch_size if train else self.eval_batch_size, shuffle=train, seed=seed)
-        dataset = IndexedTensors(x, y, lambda xb: self.batch_transform(xb, train))
+        batch_size = self.batch_size if train else self.eval_batch_size
+        sampler = EpochBatchSampler(len(x), batch_size, shuffle=train, seed=seed, **self.process_share())
+
+        def transform(xb: Tensor, index: Tensor) -> Tensor:
+            return self.batch_transform(xb, train, sample_keys(seed, sampler.epoch, index) if train else None)
+
+        dataset = IndexedTensors(x, y, transform)
         # batch_size=None: the sampler yields whole index batches, the dataset indexes them in one go.
         # A private generator: creating an iterator would otherwise draw from the global RNG, and how often that
         # happens before an epoch's first step differs between a fresh and a resumed run.
         return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
+
+    def process_share(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of this process (the Trainer's world; 1 and 0 without a Trainer)."""
+        trainer = self.trainer
+        return {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer is not None else {}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

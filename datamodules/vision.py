@@ -21,7 +21,7 @@ class VisionDataModule(TensorDataModule):
             pipeline); ``dataset`` uses the training set's per-channel mean/std; ``none`` keeps [0, 1] (the
             LruNet parity pipeline).
         augment: random crop (padding 4), optional random rotation and horizontal flip on training batches, per
-            sample (torchvision transforms v2). Off unless a config asks for it.
+            sample (torchvision transforms v2), seeded by (seed, epoch, sample index). Off unless a config asks.
         crop_size: side of the random crop (default: the image side). LruNet's published pipeline crops
             FashionMNIST's 28x28 images padded by 4 to 32x32 for training while testing on 28x28 (spec B4).
         rotation: maximum angle in degrees of a random rotation before the flip (0: none; LruNet: 10).
@@ -56,7 +56,21 @@ class VisionDataModule(TensorDataModule):
             steps.append(v2.RandomRotation(rotation))
         self._augment = v2.Compose([*steps, v2.RandomHorizontalFlip()])
 
-    def batch_transform(self, x: Tensor, train: bool) -> Tensor:
+    def batch_transform(self, x: Tensor, train: bool, keys: Tensor | None = None) -> Tensor:
         if train and self.augment:
-            x = torch.stack([self._augment(img) for img in x])
+            x = self.augment_batch(x, keys)
         return (x.float().div_(255.0) - self._mean) / self._std
+
+    def augment_batch(self, x: Tensor, keys: Tensor | None) -> Tensor:
+        """Augment each image; with ``keys``, image ``i`` draws its crop/rotation/flip from a generator seeded with
+        ``keys[i]``, so it is augmented the same way whichever batch or process holds it, and the global RNG
+        (dropout) is left alone. torchvision's transforms draw from the global RNG: it is reseeded per image inside
+        ``fork_rng``, which restores it afterwards."""
+        if keys is None:
+            return torch.stack([self._augment(img) for img in x])
+        with torch.random.fork_rng(devices=[]):
+            out = []
+            for img, key in zip(x, keys.tolist()):
+                torch.manual_seed(key)
+                out.append(self._augment(img))
+        return torch.stack(out)

@@ -34,6 +34,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from datamodules.tensor_data import global_seed
+from lightning_modules.distributed import global_batch_cross_entropy
 from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
 from models.latency import measure_latency
 
@@ -95,6 +96,7 @@ class ClassificationModule(LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.train_seconds = 0.0
         self.epochs_trained = 0
         self._epoch_start: float | None = None
@@ -153,7 +155,7 @@ class ClassificationModule(LightningModule):
         """Cross-entropy + ``regularization()`` on one batch, with training metrics accumulated."""
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = global_batch_cross_entropy(logits, y)
         extra = self.regularization()
         if extra is not None:
             self.log_epoch_mean("train/regularization", extra)
@@ -165,9 +167,13 @@ class ClassificationModule(LightningModule):
             )
         self.train_acc.update(logits.detach(), y)
         self.log_epoch_mean("train/loss", loss)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_step_loss(loss)
         return loss
+
+    def log_step_loss(self, loss: Tensor) -> None:
+        """``train/loss_step`` every ``log_every_n_steps``; in DDP the mean over processes, the global batch's loss."""
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=self.trainer.world_size > 1)
 
     def log_epoch_mean(self, name: str, value: Tensor) -> None:
         """Accumulate ``value`` over the training epoch; logged as ``name`` at the epoch's end."""
@@ -187,9 +193,14 @@ class ClassificationModule(LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True)
+        self.log_eval_loss(stage, logits, y)
         metrics(logits, y)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def log_eval_loss(self, stage: str, logits: Tensor, y: Tensor) -> None:
+        """``{stage}/loss``, the mean over samples; a metric state, so DDP sums it over processes exactly."""
+        self.eval_losses[stage].update(F.cross_entropy(logits, y), weight=len(y))
+        self.log(f"{stage}/loss", self.eval_losses[stage], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import ClassificationModule, NetworkFactory
+from lightning_modules.distributed import rewrap_after_structure_change
 from models.layercollapse import CollapsibleBlock, collapse_blocks_, collapsible_blocks, rebuild_collapsed_
 from models.plain_export import save_exported
 
@@ -167,6 +168,8 @@ class LayerCollapse(ClassificationModule):
         if self._trainer is not None:
             for optimizer in self.trainer.optimizers:
                 self._refresh_optimizer(optimizer)
+            if self.trainer.training:
+                rewrap_after_structure_change(self.trainer)
         return names
 
     def _refresh_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -199,7 +202,7 @@ class LayerCollapse(ClassificationModule):
         self.test_acc_uncollapsed(self.net(x), y)
         self.log("test/acc_uncollapsed", self.test_acc_uncollapsed, on_step=False, on_epoch=True)
         logits = self._collapsed_copy(x)
-        self.log("test/loss", nn.functional.cross_entropy(logits, y), on_step=False, on_epoch=True)
+        self.log_eval_loss("test", logits, y)
         self.test_metrics(logits, y)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
 

@@ -45,6 +45,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.tensor_data import global_seed
 from lightning_modules.base import ClassificationModule, NetworkFactory
+from lightning_modules.distributed import average_gradients, global_batch_cross_entropy
 from models.neumeta_baselines import l1_prune_to_width
 from models.neumeta_inr import NeuMetaINR, warm_start_
 from models.neumeta_smoothing import fold_batchnorm_, network_tv, resample_to_width, smooth_
@@ -334,15 +335,17 @@ class NeuMeta(ClassificationModule):
                 for sampler in (loader.sampler, loader.batch_sampler):  # a new shuffle each epoch
                     if hasattr(sampler, "set_epoch"):
                         sampler.set_epoch(epoch)
-                total, count = 0.0, 0
+                total, count = torch.zeros((), device=self.device), 0
                 for x, y in loader:
                     x, y = x.to(self.device), y.to(self.device)
-                    loss = F.cross_entropy(self.net(x), y)
+                    loss = global_batch_cross_entropy(self.net(x), y)
                     optimizer.zero_grad()
                     loss.backward()
+                    average_gradients(self.net.parameters())  # the loop is outside DDP: sync as DDP would
                     optimizer.step()
-                    total, count = total + loss.item() * len(y), count + len(y)
-                losses.append(total / count)
+                    total, count = total + loss.detach(), count + 1
+                # mean over batches of the global batch's loss (in DDP the shares' mean over ranks is that loss)
+                losses.append(float(self.trainer.strategy.reduce(total, reduce_op="mean")) / count)
                 rank_zero_info(f"[neumeta] pretraining the width-{self.full_width} target: epoch {epoch + 1}/"
                                f"{self.pretrain_epochs}, loss {losses[-1]:.4f}")
         self.net.requires_grad_(False)
@@ -370,7 +373,7 @@ class NeuMeta(ClassificationModule):
         generated = self.inr(width, self.sigma)
         with unit_activity(self.net, self.relu_producers) as alive:
             logits = self.run_at(generated, x)
-        ce = F.cross_entropy(logits, y)
+        ce = global_batch_cross_entropy(logits, y)
         l2 = torch.stack([t.norm() for t in generated.values()]).sum()
         loss = ce + self.reg_weight * l2
         if width == self.full_width or self.recon_every_step:
@@ -385,9 +388,9 @@ class NeuMeta(ClassificationModule):
         self.log_epoch_mean("train/loss", loss)
         self.log_epoch_mean("train/ce", ce)
         self.log_epoch_mean("train/l2", l2)
-        self.log_epoch_mean("train/dead", self._dead_fraction(alive))
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        fired = {name: self.trainer.strategy.reduce(a.float(), reduce_op="sum") > 0 for name, a in alive.items()}
+        self.log_epoch_mean("train/dead", self._dead_fraction(fired))
+        self.log_step_loss(loss)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

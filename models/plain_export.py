@@ -17,6 +17,8 @@ def save_exported(model: nn.Module, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")
+    for module in model.modules():  # a forward set on an instance (DDP's GlobalBatchLayers) is not the model's
+        vars(module).pop("forward", None)
     torch.save({"format": "morphlab-exported-v1", "model": model.cpu()}, tmp)
     tmp.replace(path)
     return path

@@ -13,7 +13,7 @@ import torchvision
 import datamodules.fashion_mnist as fashion_module
 import datamodules.mnist as mnist_module
 from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule, TabularDataModule
-from datamodules.tensor_data import EpochBatchSampler, stratified_split
+from datamodules.tensor_data import EpochBatchSampler, sample_keys, stratified_split
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +188,38 @@ def test_bad_labels_and_empty_splits_are_refused(labels, message, monkeypatch):
     monkeypatch.setattr(dm, "load", lambda: (x, labels, x, labels))
     with pytest.raises(ValueError, match=message):
         dm.setup()
+
+
+@pytest.mark.parametrize("n, batch", [(100, 32), (97, 32), (65, 32), (64, 32), (7, 4)])
+def test_processes_share_every_global_batch(n, batch):
+    """DDP: with W processes, rank r's batch k is its slice of batch k of one process; the slices tile it."""
+    one = list(EpochBatchSampler(n, batch, shuffle=True, seed=3))
+    ranks = [list(EpochBatchSampler(n, batch, shuffle=True, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])  # the same number of steps on every rank (collectives line up)
+    merged = [torch.cat(parts) for parts in zip(*ranks)]
+    if n % batch == 1:  # a final batch of fewer samples than processes joins the one before it
+        assert torch.equal(torch.cat(merged), torch.cat(one)) and len(merged) == len(one) - 1
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(merged, one)) and len(merged) == len(one)
+    assert all(abs(len(a) - len(b)) <= 1 and len(a) > 0 and len(b) > 0 for a, b in zip(*ranks))
+
+
+def test_a_split_smaller_than_the_process_count_is_refused():
+    with pytest.raises(ValueError, match="cannot be shared by 4 processes"):
+        EpochBatchSampler(3, 8, shuffle=False, num_replicas=4, rank=0)
+
+
+def test_augmentation_is_keyed_by_sample_not_by_batch():
+    """Image i is augmented by (seed, epoch, i) alone: a batch and its two halves (two DDP ranks) give the same
+    images, and the global RNG (dropout's) is not touched."""
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=64, augment=True, rotation=10, normalization="none")
+    dm.setup()
+    x = dm.splits["train"][0][:16]
+    keys = sample_keys(5, 2, torch.arange(100, 116))
+    state = torch.get_rng_state()
+    whole = dm.batch_transform(x, train=True, keys=keys)
+    assert torch.equal(torch.get_rng_state(), state)
+    halves = torch.cat([dm.batch_transform(x[:7], True, keys[:7]), dm.batch_transform(x[7:], True, keys[7:])])
+    assert torch.equal(whole, halves)
+    other_epoch = dm.batch_transform(x, train=True, keys=sample_keys(5, 3, torch.arange(100, 116)))
+    assert not torch.equal(whole, other_epoch)

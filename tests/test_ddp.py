@@ -1,0 +1,103 @@
+"""DDP on CPU gives the one-process run: ``--trainer.devices=2 --trainer.strategy=ddp`` (gloo) against one process, same
+config, same global batch (``data.batch_size`` is the global batch; see ``lightning_modules/distributed.py``).
+
+Per technique (the small runs of the crash tests: shared cores, LoRA adapters, two optimizers and pruning, a
+collapse during training, a reused block with BatchNorm, a hypernetwork with pretraining and EMA), the final
+weights and every logged metric must agree to float rounding; and README's multi-node launch, two nodes on localhost.
+Slow: two processes per run (``make test-reliability``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, quiet, run_cli, summary
+from test_crash_resume import TECHNIQUES, checkpoint
+
+DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+# This 128-image random-data LruNet (ReLU on the logits, parity mode) is chaotic: one process on 1 vs 2 threads,
+# nothing but float summation order apart, ends 0.1 apart in its weights after 4 epochs at lr 0.1, and 0.01 apart
+# at lr 0.001 with random crops or dropout. One epoch of small plain SGD steps keeps rounding from growing, so
+# agreement to rounding is testable (BatchNorm over the global batch, the reused block). Dropout is checked
+# exactly by the baseline run, keyed augmentation in tests/test_datamodules.py.
+CALM = {"lrunet": ["--trainer.max_epochs=1", "--model.init_args.optimizer.init_args.lr=0.001",
+                   "--model.init_args.optimizer.init_args.momentum=0", "--model.init_args.optimizer.init_args.weight_decay=0",
+                   "--data.init_args.augment=false",
+                   "--model.init_args.net.init_args.dropout=0"]}
+
+
+def run_ddp(args: list[str], cwd: Path, name: str) -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args, *DDP, *quiet(cwd, name)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cwd / name / "version_0"
+
+
+def args_for(technique: str, tmp: Path) -> list[str]:
+    args = TECHNIQUES[technique](tmp) if callable(TECHNIQUES[technique]) else TECHNIQUES[technique]
+    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in args]
+    return args + CALM.get(technique, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_two_processes_train_the_one_process_model(technique, in_tmp):
+    args = args_for(technique, in_tmp)
+    one = Path(run_cli("fit", *args, *quiet(in_tmp, "one")).trainer.log_dir)
+    two = run_ddp(args, in_tmp, "two")
+
+    a, b = checkpoint(one), checkpoint(two)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()  # the same structure (a collapse, a pruning) on both
+    far = {k: float((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max())
+           for k in a["state_dict"] if a["state_dict"][k].is_floating_point()
+           and not torch.allclose(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)}
+    assert not far, far
+
+    first, second = summary(one), summary(two)
+    assert first["epochs"] == second["epochs"]
+    # nonzero counts entries that are exactly 0: a BatchNorm shift whose gradient is 0 up to rounding is 0 in one
+    # run and 1e-9 in the other
+    nonzero = first["params"].pop("nonzero"), second["params"].pop("nonzero")
+    assert first["params"] == second["params"] and abs(nonzero[0] - nonzero[1]) <= 1e-4 * first["params"]["total"]
+    assert first["metrics"].keys() == second["metrics"].keys()
+    off = {k: (first["metrics"][k], second["metrics"][k]) for k in first["metrics"]
+           if abs(first["metrics"][k] - second["metrics"][k]) > 1e-4}
+    assert not off, off
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_as_readme_says_train_the_one_process_model(in_tmp):
+    """README's multi-node launch with two 'machines' on localhost sharing a file system (as nodes must: every
+    node reads the checkpoint that node 0 wrote, e.g. for the test after fit): the same command on each with
+    NODE_RANK 0 and 1 gives the one-process run."""
+    args = args_for("baseline", in_tmp)
+    one = Path(run_cli("fit", *args, *quiet(in_tmp, "one")).trainer.log_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NODE_RANK": str(rank)}
+        command = [sys.executable, str(ROOT / "train.py"), "fit", *args, "--trainer.accelerator=cpu",
+                   "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp", *quiet(in_tmp, "two")]
+        nodes.append(subprocess.Popen(command, cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    assert [p.name for p in (in_tmp / "two").iterdir()] == ["version_0"]  # one run, written once
+    two = in_tmp / "two" / "version_0"
+    assert summary(two)["metrics"].keys() == summary(one)["metrics"].keys()
+    assert all(abs(summary(two)["metrics"][k] - v) <= 1e-4 for k, v in summary(one)["metrics"].items())
+    a, b = checkpoint(one)["state_dict"], checkpoint(two)["state_dict"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
