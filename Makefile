@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data run readme test test-slow bench tensorboard clean
+.PHONY: install data run readme test test-slow test-reliability bench tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ test: install data
 
 test-slow: install data
 	$(PY) -m pytest -m slow
+
+test-reliability: install data
+	$(PY) -m pytest -m slow tests/test_crash_resume.py tests/test_ddp.py
 
 bench: install data
 	$(PY) benchmarks/overhead.py --config configs/fashion_mnist/baseline.yaml
