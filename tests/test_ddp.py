@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT, quiet, run_cli, summary
-from test_crash_resume import TECHNIQUES, checkpoint
+from test_crash_resume import KILL, TECHNIQUES, checkpoint, same
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 # This 128-image random-data LruNet (ReLU on the logits, parity mode) is chaotic: one process on 1 vs 2 threads,
@@ -33,11 +33,11 @@ CALM = {"lrunet": ["--trainer.max_epochs=1", "--model.init_args.optimizer.init_a
                    "--model.init_args.net.init_args.dropout=0"]}
 
 
-def run_ddp(args: list[str], cwd: Path, name: str) -> Path:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_ddp(args: list[str], cwd: Path, name: str, returncode: int = 0) -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # tests/crash.py for KillAt
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args, *DDP, *quiet(cwd, name)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == returncode, done.stderr[-4000:]
     return cwd / name / "version_0"
 
 
@@ -101,3 +101,20 @@ def test_two_nodes_launched_as_readme_says_train_the_one_process_model(in_tmp):
     assert all(abs(summary(two)["metrics"][k] - v) <= 1e-4 for k, v in summary(one)["metrics"].items())
     a, b = checkpoint(one)["state_dict"], checkpoint(two)["state_dict"]
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("technique", ["baseline", "layercollapse"])
+def test_a_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_ddp_run(technique, in_tmp):
+    """Both processes SIGKILLed after batch 1 of epoch 2, then ``--ckpt_path last`` on two processes again:
+    bit for bit the uninterrupted two-process run (dropout masks; for LayerCollapse, the collapsed structure
+    rebuilt before DDP wraps the model)."""
+    args = args_for(technique, in_tmp)
+    straight = run_ddp(args, in_tmp, "straight")
+    crashed = run_ddp([*args, *KILL], in_tmp, "crashed", returncode=-9)
+    assert checkpoint(crashed)["epoch"] == 1
+    assert run_ddp([*args, "--ckpt_path=last"], in_tmp, "crashed") == crashed
+    a, b = checkpoint(straight), checkpoint(crashed)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert same(a["state_dict"], b["state_dict"]) and same(a["optimizer_states"], b["optimizer_states"])
+    assert summary(straight)["metrics"] == summary(crashed)["metrics"]
