@@ -132,9 +132,13 @@ class ClassificationModule(LightningModule):
         """Extra loss term added to cross-entropy during training (none by default)."""
         return None
 
-    def summary_extras(self) -> dict[str, Any]:
-        """Technique-specific fields for ``summary.json`` (sparsity, collapsed layers, ...)."""
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
+        """Technique-specific fields for ``summary.json`` (sparsity, collapsed layers, ...); ``deployed`` is
+        ``deployed_model()``, built once per summary."""
         return {}
+
+    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
+        """Files written into the run directory at the end of ``fit`` (rank 0), e.g. the exported model."""
 
     def deployed_model(self) -> nn.Module:
         """The network as it would be deployed (techniques with an export return the exported model)."""
@@ -368,11 +372,13 @@ class ClassificationModule(LightningModule):
             "stage": stage,
             "checkpoint": getattr(trainer, "ckpt_path", None),
             **({"latency": self.latency(deployed)} if stage == "test" else {}),
-            **self.summary_extras(),
+            **self.summary_extras(deployed),
         }
         path = Path(log_dir) / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.part")
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
         tmp.replace(path)
+        if stage == "fit":
+            self.save_exports(deployed, Path(log_dir))
         return path

@@ -26,6 +26,6 @@ class LayerReuse(ClassificationModule):
             raise ValueError(f"lightning_modules.LayerReuse needs model.net models.LruNet, got {type(network).__name__}.")
         return network
 
-    def summary_extras(self) -> dict[str, Any]:
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {"lrunet": {"reuse": self.net.reuse, "width": self.net.width, "mode": self.net.mode,
                            "conv_parameters": self.net.conv_parameters()}}

@@ -210,13 +210,10 @@ class LayerCollapse(ClassificationModule):
         super().on_test_end()
         self._collapsed_copy = None
 
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
-        if log_dir and self.trainer.global_rank == 0:
-            # the deployed (collapsed) network and, for before/after comparisons, the network as trained
-            save_exported(self.deployed_model(), Path(log_dir) / "exported.pt")
-            save_exported(copy.deepcopy(self.net).eval(), Path(log_dir) / "uncollapsed.pt")
+    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
+        # the deployed (collapsed) network and, for before/after comparisons, the network as trained
+        save_exported(deployed, log_dir / "exported.pt")
+        save_exported(copy.deepcopy(self.net).eval(), log_dir / "uncollapsed.pt")
 
     # --- structure in checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -229,8 +226,7 @@ class LayerCollapse(ClassificationModule):
         rebuild_collapsed_(self.net, names)
         self.collapsed_blocks = names
 
-    def summary_extras(self) -> dict[str, Any]:
-        deployed = self.deployed_model()
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         original = self.net_factory(self.input_shape, self.num_classes)
         return {
             "layercollapse": {

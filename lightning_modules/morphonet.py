@@ -187,14 +187,10 @@ class MorphoNet(ClassificationModule):
         super().on_load_checkpoint(checkpoint)
         self.density_at_start = checkpoint.get("morphlab", {}).get("density_at_start")
 
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
-        if log_dir and self.trainer.global_rank == 0:
-            save_exported(self.export(), Path(log_dir) / "exported.pt")
+    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
+        save_exported(deployed, log_dir / "exported.pt")
 
-    def summary_extras(self) -> dict[str, Any]:
-        exported = self.export()
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {
             "morphonet": {
                 "mode": self.mode,
@@ -203,6 +199,6 @@ class MorphoNet(ClassificationModule):
                 "hard_sparsity_end": 1.0 - float(self.net.weighted_density()),
                 "layer_density": [round(float(layer.density()), 4) for layer in self.net.morpho_layers()],
                 "mask_on": int(sum(int((layer.mask_logits > 0).sum()) for layer in self.net.morpho_layers())),
-                "export": export_summary(self.net, exported),
+                "export": export_summary(self.net, deployed),
             }
         }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from lightning_modules.base import ClassificationModule
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
 
@@ -17,7 +19,7 @@ class MorphReuse(ClassificationModule):
 
     technique = "morphreuse"
 
-    def summary_extras(self) -> dict[str, Any]:
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         if isinstance(self.net, SharedCoreMLP):
             core = sum(p.numel() for p in self.net.core.parameters())
             return {"morphreuse": {"variant": "shared_core", "core_parameters": core, "core_uses": len(self.net.adapters)}}

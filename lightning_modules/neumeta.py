@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -388,8 +387,7 @@ class NeuMeta(ClassificationModule):
         self.log_epoch_mean("train/loss", loss)
         self.log_epoch_mean("train/ce", ce)
         self.log_epoch_mean("train/l2", l2)
-        fired = {name: self.trainer.strategy.reduce(a.float(), reduce_op="sum") > 0 for name, a in alive.items()}
-        self.log_epoch_mean("train/dead", self._dead_fraction(fired))
+        self.log_epoch_mean("train/dead", self._dead_fraction(self._fired_on_any_process(alive)))
         self.log_step_loss(loss)
         return loss
 
@@ -397,6 +395,10 @@ class NeuMeta(ClassificationModule):
         if self.ema is not None:
             self.ema.update_parameters(self.inr)
         self._params_cache.clear()
+
+    def _fired_on_any_process(self, alive: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per unit, whether it fired in any process (a sum over processes under DDP; itself in one)."""
+        return {name: self.trainer.strategy.reduce(a.float(), reduce_op="sum") > 0 for name, a in alive.items()}
 
     @staticmethod
     def _dead_fraction(alive: dict[str, Tensor]) -> Tensor:
@@ -444,8 +446,7 @@ class NeuMeta(ClassificationModule):
     def _dead_by_width(self) -> dict[int, float]:
         dead = {}
         for width, alive in self._alive.items():
-            fired = {name: self.trainer.strategy.reduce(a.float(), reduce_op="sum") > 0 for name, a in alive.items()}
-            dead[width] = float(self._dead_fraction(fired))
+            dead[width] = float(self._dead_fraction(self._fired_on_any_process(alive)))
         self._alive = {}
         return dead
 
@@ -548,11 +549,8 @@ class NeuMeta(ClassificationModule):
             if hasattr(experiment, "add_figure"):
                 experiment.add_figure("test/accuracy_vs_width", figure, self.global_step)
 
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
-        if log_dir and self.trainer.global_rank == 0:
-            save_exported(self.deployed_model(), Path(log_dir) / "exported.pt")
+    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
+        save_exported(deployed, log_dir / "exported.pt")
 
     # --- checkpoints and summary --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -574,7 +572,7 @@ class NeuMeta(ClassificationModule):
         facts["params"]["trainable"] = sum(p.numel() for p in self.inr.parameters())
         return facts
 
-    def summary_extras(self) -> dict[str, Any]:
+    def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {
             "neumeta": {
                 "full_width": self.full_width,
