@@ -47,12 +47,11 @@ class EpochBatchSampler(DistributedSampler):
     than W samples joins the batch before it, so that no process gets an empty slice.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         # DistributedSampler.__init__ is not called: it wants a dataset and the process group, this needs neither.
         if 0 < n < num_replicas:
             raise ValueError(f"a split of {n} sample(s) cannot be shared by {num_replicas} processes; use fewer devices.")
-        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
@@ -61,8 +60,7 @@ class EpochBatchSampler(DistributedSampler):
 
     def _bounds(self) -> list[int]:
         """Start of every global batch, and the end."""
-        stop = self.n - self.n % self.batch_size if self.drop_last else self.n
-        bounds = list(range(0, stop, self.batch_size)) + [stop]
+        bounds = list(range(0, self.n, self.batch_size)) + [self.n]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < self.num_replicas:
             del bounds[-2]
         return bounds
