@@ -30,8 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.tensor_data import EpochBatchSampler, TensorDataModule, global_seed, stratified_split
-from models.encoders import hub_reachable, resolve_encoder
+from datamodules.tensor_data import EpochBatchSampler, TensorDataModule, stratified_split
+from encoders import hub_reachable, resolve_encoder
+from seeding import global_seed
 
 SOURCES = ("auto", "glue", "rt-snippets")
 VADER_SDIST = "vaderSentiment==3.3.2"
@@ -106,7 +107,7 @@ class SST2DataModule(TensorDataModule):
         source: ``auto``, ``glue`` (GLUE SST-2 only) or ``rt-snippets`` (the offline stand-in only).
         train_size: training sentences drawn from the pool (train + validation); None: the whole pool.
         subset_seed: seed of that draw.
-        encoder: encoder whose tokenizer is used, resolved by ``models.encoders.resolve_encoder``.
+        encoder: encoder whose tokenizer is used, resolved by ``encoders.resolve_encoder``.
         max_length: sentences are truncated to this many tokens (special tokens included).
         batch_size: training batch size.
         **kwargs: see ``TensorDataModule``.

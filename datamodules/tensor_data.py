@@ -11,7 +11,6 @@ same batches as an uninterrupted one. Lightning calls ``set_epoch`` on the sampl
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -20,6 +19,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from seeding import global_seed, sample_keys, stream_seed
 
 
 class IndexedTensors(Dataset):
@@ -70,7 +71,7 @@ class EpochBatchSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.arange(self.n)
@@ -78,13 +79,6 @@ class EpochBatchSampler(DistributedSampler):
         for start, end in zip(bounds[:-1], bounds[1:]):
             batch = order[start:end]
             yield batch if self.num_replicas == 1 else torch.tensor_split(batch, self.num_replicas)[self.rank]
-
-
-def sample_keys(seed: int, epoch: int, index: Tensor) -> Tensor:
-    """One seed per sample, ``((seed * 1_000_003 + epoch) * 1_000_033 + index) mod 2**32``: 32 bits because
-    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed."""
-    base = (seed * 1_000_003 + epoch) * 1_000_033 % 2**32
-    return (base + index.long()) % 2**32
 
 
 def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -98,11 +92,6 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
         held.append(idx[:cut])
         keep.append(idx[cut:])
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
-
-
-def global_seed() -> int:
-    """The seed given to ``seed_everything`` (LightningCLI's ``seed_everything:``), 0 when none was set."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class TensorDataModule(LightningDataModule, ABC):

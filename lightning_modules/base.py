@@ -18,13 +18,11 @@ augmentations as an uninterrupted run (Lightning does not restore RNG states its
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -33,10 +31,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from datamodules.tensor_data import global_seed
 from lightning_modules.distributed import global_batch_cross_entropy
 from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
 from models.latency import measure_latency
+from seeding import global_seed, reseed_global_rngs
 
 NetworkFactory = Callable[[Sequence[int], int], nn.Module]
 """A network class given in YAML by ``class_path``/``init_args``; called as ``net(input_shape, num_classes)``."""
@@ -241,10 +239,7 @@ class ClassificationModule(LightningModule):
 
     # --- reproducibility and timing -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        seed = (global_seed() * 1_000_003 + self.current_epoch) % 2**32
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        reseed_global_rngs(global_seed(), self.current_epoch)
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:

@@ -42,7 +42,6 @@ from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
-from datamodules.tensor_data import global_seed
 from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.distributed import average_gradients, global_batch_cross_entropy
 from models.neumeta_baselines import l1_prune_to_width
@@ -50,6 +49,7 @@ from models.neumeta_inr import NeuMetaINR, warm_start_
 from models.neumeta_smoothing import fold_batchnorm_, network_tv, resample_to_width, smooth_
 from models.neumeta_targets import NeuMetaTarget
 from models.plain_export import save_exported
+from seeding import global_seed, stream_seed
 
 
 def weighted_recon(generated: dict[str, Tensor], pretrained: dict[str, Tensor]) -> Tensor:
@@ -226,7 +226,7 @@ class NeuMeta(ClassificationModule):
         leaves the global RNG (training data order, width sampling) alone."""
         key = (width, samples)
         if key not in self._params_cache:
-            generator = torch.Generator(device=self.device).manual_seed(global_seed() * 1_000_003 + width)
+            generator = torch.Generator(device=self.device).manual_seed(stream_seed(global_seed(), width))
             with torch.no_grad():
                 self._params_cache[key] = self.eval_inr.merge(width, samples, self.sigma, generator)
         return self._params_cache[key]

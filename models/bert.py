@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
-from models.encoders import TINYBERT_DIMS, resolve_encoder
+from encoders import TINYBERT_DIMS, resolve_encoder
 
 Batch = dict[str, Tensor]
 
@@ -46,7 +46,7 @@ class BertClassifier(nn.Module):
         input_shape: ``(max_length,)`` from the datamodule (unused beyond the example input).
         num_classes: number of labels.
         encoder: ``auto`` (TinyBERT online, MiniLM offline), ``tinybert``, ``minilm``, ``random-tinybert``, or a
-            hub id / local path (see ``models.encoders``).
+            hub id / local path (see ``encoders``).
         trainable_top_layers: how many of the top encoder layers train (with the classifier); the pooler,
             embeddings and the layers below stay frozen.
         cache_frozen_prefix: compute the frozen bottom once per sentence and reuse it (needs ``uid`` in batches).

@@ -13,7 +13,8 @@ import torchvision
 import datamodules.fashion_mnist as fashion_module
 import datamodules.mnist as mnist_module
 from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule, TabularDataModule
-from datamodules.tensor_data import EpochBatchSampler, sample_keys, stratified_split
+from datamodules.tensor_data import EpochBatchSampler, stratified_split
+from seeding import sample_keys
 
 
 @pytest.fixture(autouse=True)
