@@ -32,6 +32,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_modules.distributed import global_batch_cross_entropy
+from lightning_modules.schedules import follow_run
 from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
 from models.latency import measure_latency
 from seeding import global_seed, reseed_global_rngs
@@ -235,7 +236,9 @@ class ClassificationModule(LightningModule):
         optimizer = self.optimizer_factory(self.optimizer_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        follow_run(scheduler, self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # --- reproducibility and timing -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
