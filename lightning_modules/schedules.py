@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from jsonargparse.typing import PositiveInt
+from constraints import PositiveInt
 from lightning.pytorch import Trainer
 
 
