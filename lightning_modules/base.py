@@ -1,24 +1,19 @@
-"""The LightningModule every technique builds on: classification loss, metrics, accounting, run summary.
+"""The LightningModule every technique builds on: the classification loss and metrics, and the hooks a technique
+changes.
 
 A technique subclasses ``ClassificationModule`` and changes only what it must: the network it builds
-(``build_network``), an extra loss term (``regularization``), its optimizer (``configure_optimizers``) or
-extra summary fields (``summary_extras``). Everything a comparison needs is measured here, once:
-
-* metrics ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/acc``,
-  ``test/f1`` (macro), ``test/loss``;
-* parameter accounting (``models.accounting``: total, trainable, nonzero, dense_equivalent), FLOPs per
-  sample (``torch.utils.flop_counter``) and model bytes, logged under ``params/*``;
-* ``summary.json`` in the run's log directory at the end of fit and of test (DESIGN.md contract).
-
-Reproducibility: torch's, numpy's and Python's global RNGs are reseeded from ``(seed, epoch)`` at every
-training-epoch start, so a run resumed from an epoch-end checkpoint draws the same dropout masks and
-augmentations as an uninterrupted run (Lightning does not restore RNG states itself).
+(``build_network``), an extra loss term (``regularization``), its optimizer (``optimizer_parameters``,
+``configure_optimizers``), the network it deploys (``deployed_model``) and what its summary adds
+(``summary_extras``, ``save_exports``). Metrics: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
+``val/acc_best``, ``test/acc``, ``test/f1`` (macro), ``test/loss``. The rest lives in its own place:
+``lightning_modules.summary`` (accounting, latency, ``summary.json``, run time), ``lightning_modules.checks``
+(refusals of a network that does not fit its data or a checkpoint), ``lightning_modules.text_hooks`` (text
+networks and data), ``seeding`` (the global RNGs are reseeded from ``(seed, epoch)`` at every epoch start, so a
+resumed run draws the same dropout masks as an uninterrupted one).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +26,12 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_modules import summary
+from lightning_modules.checks import check_network_fits_data, check_state_dict_fits
 from lightning_modules.distributed import global_batch_cross_entropy
 from lightning_modules.schedules import follow_run
-from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
-from models.latency import measure_latency
+from lightning_modules.text_hooks import DictInputNetwork, PrefixCachingNetwork, TokenizedData
+from models.accounting import count_dense_equivalent
 from seeding import global_seed, reseed_global_rngs
 
 NetworkFactory = Callable[[Sequence[int], int], nn.Module]
@@ -77,11 +74,12 @@ class ClassificationModule(LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.net_factory = net
         self.net = self.build_network(net)
-        example = getattr(self.net, "example_input", None)
-        # a dict input is wrapped in a tuple so that Lightning passes it as one positional argument
-        self.example_input_array = (example(),) if callable(example) else torch.zeros(1, *self.input_shape)
-        if not callable(example):
-            self._check_input_shape()
+        if isinstance(self.net, DictInputNetwork):
+            # a dict input is wrapped in a tuple so that Lightning passes it as one positional argument
+            self.example_input_array = (self.net.example_input(),)
+        else:
+            self.example_input_array = torch.zeros(1, *self.input_shape)
+            check_network_fits_data(self.net, self.example_input_array, num_classes)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -96,31 +94,7 @@ class ClassificationModule(LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
         self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-        self.train_seconds = 0.0
-        self.epochs_trained = 0
-        self._epoch_start: float | None = None
-        self._summary_metrics: dict[str, float] = {}
-
-    def _check_input_shape(self) -> None:
-        """One forward of a zero input: a network that does not fit the data's shape or classes is refused here,
-        in one sentence, instead of by a matrix-size error in the first training step."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            with torch.no_grad():
-                out = self.net(self.example_input_array)
-        except RuntimeError as error:
-            raise ValueError(
-                f"model.net {type(self.net).__name__} does not accept inputs of shape {list(self.input_shape)} (the data's "
-                f"input_shape): {str(error).splitlines()[0][:160]}."
-            ) from None
-        finally:
-            self.net.train(was_training)
-        if tuple(out.shape) != (1, self.num_classes):
-            raise ValueError(
-                f"model.net {type(self.net).__name__} returns {list(out.shape)} for one input, but the data has "
-                f"{self.num_classes} classes (expected [1, {self.num_classes}])."
-            )
+        self.record = summary.RunRecord()
 
     # --- hooks for techniques -----------------------------------------------------------------------------
     def build_network(self, net: NetworkFactory) -> nn.Module:
@@ -142,6 +116,10 @@ class ClassificationModule(LightningModule):
     def deployed_model(self) -> nn.Module:
         """The network as it would be deployed (techniques with an export return the exported model)."""
         return self.net
+
+    def counted_parameters(self) -> Any:
+        """The parameters ``total`` and ``trainable`` count (the network as trained; a shared tensor once)."""
+        return self.net.parameters()
 
     def dense_equivalent_parameters(self, deployed: nn.Module) -> int:
         """Parameters of the same architecture without sharing/masking/collapse (models.accounting)."""
@@ -243,140 +221,59 @@ class ClassificationModule(LightningModule):
     # --- reproducibility and timing -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         reseed_global_rngs(global_seed(), self.current_epoch)
-        self._epoch_start = time.perf_counter()
+        self.record.epoch_started()
 
     def on_train_epoch_end(self) -> None:
         self._log_training_epoch()
-        if self._epoch_start is not None:
-            self.train_seconds += time.perf_counter() - self._epoch_start
-            self._epoch_start = None
-        self.epochs_trained = self.current_epoch + 1
+        self.record.epoch_ended(self.current_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
-        # Saved during validation of epoch e, before on_train_epoch_end: count epoch e as done.
-        done = self.current_epoch + 1 if self._epoch_start is not None else self.epochs_trained
-        checkpoint["morphlab"] = {"train_seconds": self.train_seconds + running, "epochs_trained": done}
+        checkpoint["morphlab"] = self.record.state(self.current_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming, or testing a checkpoint in a new process, takes the run's time from the checkpoint; testing the
-        # best checkpoint right after fit keeps the whole fit's (the best epoch may be an early one).
-        if self.epochs_trained == 0:
-            state = checkpoint.get("morphlab", {})
-            self.train_seconds = float(state.get("train_seconds", 0.0))
-            self.epochs_trained = int(state.get("epochs_trained", 0))
+        self.record.load(checkpoint.get("morphlab", {}))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``, but a checkpoint of another architecture (other widths, another N,
-        another technique) is refused with one sentence instead of torch's list of every key."""
+        """``nn.Module.load_state_dict``; a checkpoint of another architecture is refused in one sentence."""
         if strict:
-            own = self.state_dict()
-            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-            wrong = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-            if missing or unexpected or wrong:
-                raise ValueError(
-                    f"the checkpoint does not fit this {type(self).__name__} with net {type(self.net).__name__} "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); pass the config "
-                    "it was trained with (config.yaml in its run directory)."
-                )
+            check_state_dict_fits(self, self.net, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    # --- accounting and summary -----------------------------------------------------------------------------
+    # --- accounting, summary and text hooks ------------------------------------------------------------------
     def accounting(self, deployed: nn.Module | None = None) -> dict[str, Any]:
-        """Parameter counts (DESIGN.md), FLOPs per sample and bytes.
+        """Parameter counts, FLOPs per sample and bytes (``summary.accounting``) of ``deployed`` (built with
+        ``deployed_model()`` when not given)."""
+        return summary.accounting(self, self.deployed_model() if deployed is None else deployed)
 
-        ``total``/``trainable`` describe the network as trained; ``nonzero``, FLOPs and bytes the deployed one
-        (``deployed``, built with ``deployed_model()`` when not given).
-        """
-        params = list(self.net.parameters())
-        model = self.deployed_model() if deployed is None else deployed
-        was_training = model.training
-        model.eval()
-        example = self._example_args()
-        flops = flops_per_sample(lambda: model(*example), batch_size=1)
-        model.train(was_training)
-        counts = {
-            "total": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
-            "nonzero": count_nonzero(model),
-            "dense_equivalent": self.dense_equivalent_parameters(model),
-        }
-        return {"params": counts, "flops_per_sample": flops, "model_bytes": model_bytes(model)}
-
-    def _example_args(self) -> tuple:
+    def example_args(self) -> tuple:
         """``example_input_array`` as positional arguments on this module's device."""
         example = self.example_input_array
         return tuple(_to_device(e, self.device) for e in example) if isinstance(example, tuple) else (_to_device(example, self.device),)
 
-    def latency(self, deployed: nn.Module | None = None) -> dict[str, Any]:
-        """Inference latency of the deployed model at batch 1 and 256 (``models.latency``: warm-up, median)."""
-        return measure_latency(self.deployed_model() if deployed is None else deployed, self._example_args())
-
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        data_encoder, net_encoder = getattr(datamodule, "encoder_name", None), getattr(self.net, "encoder_name", None)
-        if data_encoder and net_encoder and data_encoder != net_encoder:
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, TokenizedData) and isinstance(self.net, PrefixCachingNetwork) and data.encoder_name \
+                and self.net.encoder_name != data.encoder_name:
             raise ValueError(
-                f"data.encoder tokenizes for {data_encoder} but the model's encoder is {net_encoder}; set both to the same value."
+                f"data.encoder tokenizes for {data.encoder_name} but the model's encoder is {self.net.encoder_name}; "
+                "set both to the same value."
             )
 
     def _prepare_cache(self) -> None:
-        """Let the network precompute per-sample features it keeps frozen (e.g. a BERT's frozen bottom)."""
-        prepare = getattr(self.net, "prepare_cache", None)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if callable(prepare) and hasattr(datamodule, "all_inputs"):
-            prepare(datamodule.all_inputs())
+        """Let a text network precompute the outputs of its frozen prefix for every input (a BERT's bottom)."""
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(self.net, PrefixCachingNetwork) and isinstance(data, TokenizedData):
+            self.net.prepare_cache(data.all_inputs())
 
     def on_test_start(self) -> None:
         self._prepare_cache()
 
     def on_fit_start(self) -> None:
         self._prepare_cache()
-        facts = self.accounting()
-        metrics = {f"params/{k}": float(v) for k, v in facts["params"].items()}
-        metrics["params/flops_per_sample"] = float(facts["flops_per_sample"])
-        for logger in self.loggers:  # self.log() is not allowed in on_fit_start
-            logger.log_metrics(metrics, step=self.global_step)
+        summary.log_accounting(self)
 
     def on_fit_end(self) -> None:
-        self.write_summary("fit")
+        summary.write_summary(self, "fit")
 
     def on_test_end(self) -> None:
-        self.write_summary("test")
-
-    def write_summary(self, stage: str) -> Path | None:
-        """Write (or update) ``summary.json`` in the run's log directory; returns its path on rank 0."""
-        trainer = self.trainer
-        for key, value in trainer.callback_metrics.items():
-            if key.split("/")[0] in ("train", "val", "test", "compact", "sched") and value.numel() == 1:
-                self._summary_metrics[key] = float(value)
-        if stage == "fit":
-            self._summary_metrics["val/acc_best"] = float(self.val_acc_best.compute()) if self.val_acc_best.update_count else float("nan")
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
-        if trainer.global_rank != 0 or log_dir is None:
-            return None
-        datamodule = trainer.datamodule
-        deployed = self.deployed_model()  # built once: export, collapse or generation can be costly
-        summary = {
-            "technique": self.technique,
-            "dataset": getattr(datamodule, "name", None),
-            "data_source": getattr(datamodule, "source", None),
-            "seed": global_seed(),
-            "metrics": dict(sorted(self._summary_metrics.items())),
-            **self.accounting(deployed),
-            "epochs": self.epochs_trained,
-            "train_seconds": round(self.train_seconds, 3),
-            "seconds_per_epoch": round(self.train_seconds / self.epochs_trained, 3) if self.epochs_trained else None,
-            "stage": stage,
-            "checkpoint": getattr(trainer, "ckpt_path", None),
-            **({"latency": self.latency(deployed)} if stage == "test" else {}),
-            **self.summary_extras(deployed),
-        }
-        path = Path(log_dir) / "summary.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        tmp.replace(path)
-        if stage == "fit":
-            self.save_exports(deployed, Path(log_dir))
-        return path
+        summary.write_summary(self, "test")
