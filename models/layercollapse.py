@@ -1,7 +1,7 @@
 """LayerCollapse: single-slope PReLU blocks that can be folded into one Linear (spec: shared/specs/layercollapse_lrunet.md A).
 
 A ``CollapsibleBlock`` is ``fc1 -> PReLU(one slope a) -> Dropout -> (BatchNorm1d) -> fc2``. Training adds
-``lambda * sum (a - 1)^2`` (``CollapsibleMLP.penalty``) to pull the slopes towards 1; a block with
+``lambda * sum (a - 1)^2`` (``lightning_modules.LayerCollapse``) to pull the slopes towards 1; a block with
 ``|a - 1| < tau`` is then replaced by one ``nn.Linear``. Collapse uses eval semantics and treats the slope as
 exactly 1, so the collapsed model equals the *linearised* model (slope forced to 1) up to rounding, and differs
 from the trained PReLU model by at most ``|a - 1| * ||W2|| * |min(z, 0)|`` (spec A5/A6).
@@ -98,10 +98,6 @@ class CollapsibleBlock(nn.Module):
     def slope(self) -> float:
         return float(self.act.weight.detach().reshape(()))
 
-    def penalty(self) -> Tensor:
-        """``(a - 1)^2`` (spec A3)."""
-        return (self.act.weight - 1.0).pow(2).sum()
-
     def collapsible(self, tau: float = 0.05) -> bool:
         return abs(self.slope() - 1.0) < tau
 
@@ -169,21 +165,6 @@ class CollapsibleMLP(nn.Module):
     def blocks(self) -> list[tuple[str, CollapsibleBlock]]:
         """The not-yet-collapsed blocks, in order, with their names in ``self.layers``."""
         return [(n, m) for n, m in self.layers.named_children() if isinstance(m, CollapsibleBlock)]
-
-    def slopes(self) -> dict[str, float]:
-        return {n: b.slope() for n, b in self.blocks()}
-
-    def penalty(self) -> Tensor:
-        """LayerCollapse regulariser ``sum (a - 1)^2`` over the remaining blocks (0 if none)."""
-        terms = [b.penalty() for _, b in self.blocks()]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
-
-    @torch.no_grad()
-    def collapse_(self, tau: float = 0.05) -> list[str]:
-        """Replace, in place, every block with ``|a - 1| < tau`` by its collapsed Linear; return their names."""
-        names = [f"layers.{n}" for n, b in self.blocks() if b.collapsible(tau)]
-        collapse_blocks_(self, names)
-        return [n.removeprefix("layers.") for n in names]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -339,17 +320,6 @@ def collapse_vgg_classifier(vgg: nn.Module, tau: float = 0.05) -> int:
     removed (0 if nothing was collapsible)."""
     vgg.classifier, removed = collapse_sequential(vgg.classifier, tau)
     return removed
-
-
-def prelu_slopes(module: nn.Module) -> list[float]:
-    """Slopes of all single-parameter PReLUs in ``module`` (registration order)."""
-    return [float(m.weight.detach().reshape(())) for m in module.modules() if _is_single_prelu(m)]
-
-
-def prelu_penalty(module: nn.Module) -> Tensor:
-    """``sum (a - 1)^2`` over the single-slope PReLUs in ``module`` (e.g. a converted VGG classifier)."""
-    terms = [(m.weight - 1.0).pow(2).sum() for m in module.modules() if _is_single_prelu(m)]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def convert_vit_mlps_(vit: nn.Module, last_k: int, slope_init: float = 0.01) -> list[str]:
