@@ -93,17 +93,6 @@ def model_bytes(root: nn.Module) -> int:
     return size
 
 
-def parameter_counts(root: nn.Module) -> dict[str, int]:
-    """The four counts of the DESIGN.md contract."""
-    params = list(root.parameters())  # de-duplicated by torch
-    return {
-        "total": sum(p.numel() for p in params),
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
-        "nonzero": count_nonzero(root),
-        "dense_equivalent": count_dense_equivalent(root),
-    }
-
-
 @torch.no_grad()
 def flops_per_sample(forward: Callable[[], object], batch_size: int = 1) -> int:
     """FLOPs of one forward pass divided by the batch size (``torch.utils.flop_counter``: 2 per MAC).

@@ -7,7 +7,7 @@ forward pass multiplies W by the soft mask sigmoid(M / T) (``mask_mode="soft"``,
 (``set_temperature``). ``prune_(tau)`` pins every entry with sigmoid(M / T) < tau to M = -100 (W untouched).
 
 The networks (``MorphoMLP``, ``MorphoCNN``, ``MorphoTransformer``) share one interface (``MorphoNetwork``):
-``morpho_layers``, ``set_temperature``, ``set_mask_mode``, ``density``, ``weighted_density``, ``mask_penalty``,
+``morpho_layers``, ``set_temperature``, ``set_mask_mode``, ``weighted_density``, ``mask_penalty``,
 ``prune_``, ``mask_parameters`` / ``weight_parameters``. The deployed model (hard mask folded in, dead units
 removed) is built by ``models.morphonet_export.export_pruned``.
 
@@ -257,11 +257,6 @@ class MorphoNetwork(nn.Module):
             raise ValueError(f"mask mode must be soft or hard, got {mode!r}.")
         for layer in self.morpho_layers():
             layer.mask_mode = mode
-
-    def density(self) -> float:
-        """Unweighted mean over masked layers of the fraction of M > 0 (upstream's 1 - sparsity)."""
-        layers = self.morpho_layers()
-        return sum(layer.density() for layer in layers) / len(layers) if layers else 1.0
 
     @torch.no_grad()
     def weighted_density(self) -> float:

@@ -5,7 +5,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 from models import MLP
-from models.accounting import flops_per_sample, model_bytes, parameter_counts
+from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample, model_bytes
+
+
+def parameter_counts(root: nn.Module) -> dict[str, int]:
+    """The four counts of the DESIGN.md contract, as ``lightning_modules.summary`` reports them."""
+    params = list(root.parameters())  # de-duplicated by torch
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "nonzero": count_nonzero(root), "dense_equivalent": count_dense_equivalent(root)}
 
 
 def test_plain_mlp_counts_every_parameter_once():

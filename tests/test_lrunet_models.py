@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.accounting import parameter_counts
+from models.accounting import count_dense_equivalent
 from models.lrunet import (
     LruBlock,
     LruNet,
@@ -136,7 +136,7 @@ def test_parameter_count_linear_in_reuse(num_classes, width, shape):
         assert net.conv_parameters() == base.conv_parameters()
         # accounting contract: the unrolled network has N private copies of every shared dw/pw
         shared = sum(getattr(net, s).dw.weight.numel() + getattr(net, s).pw.weight.numel() for s in STAGES)
-        assert parameter_counts(net)["dense_equivalent"] == n_params(net) + (reuse - 1) * shared
+        assert count_dense_equivalent(net) == n_params(net) + (reuse - 1) * shared
 
 
 @pytest.mark.parametrize("reuse", [1, 3, 14])
