@@ -8,9 +8,10 @@ from the trained PReLU model by at most ``|a - 1| * ||W2|| * |min(z, 0)|`` (spec
 
 Algebra (A6), with the optional eval-mode BatchNorm written as the affine map ``z -> s * z + t``,
 ``s = gamma / sqrt(running_var + eps)``, ``t = beta - s * running_mean``: a chain ``L_1, BN_1, L_2, ..., L_k``
-collapses to ``W = W_k diag(s_{k-1}) W_{k-1} ... W_1`` and the matching bias; dropout (identity in eval) is
-dropped. Missing biases count as zero. Not handled (rejected): per-channel PReLU, 1x1-conv MLPs, BN without
-running statistics.
+collapses to ``W = W_k diag(s_{k-1}) W_{k-1} ... W_1`` and the matching bias (each BN folded into the Linear
+before it by torch's ``fuse_linear_bn_weights``, then the products); dropout (identity in eval) is dropped.
+Missing biases count as zero. Not handled (rejected): per-channel PReLU, 1x1-conv MLPs, BN without running
+statistics.
 
 Conversions (A7): ``convert_vgg_classifier`` turns the two ReLUs of a torchvision VGG classifier into
 single-slope PReLUs with a0 = 0 (function preserving); ``collapse_vgg_classifier`` folds the runs of linear
@@ -29,30 +30,32 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_linear_bn_weights
 
 
 def _is_single_prelu(m: nn.Module) -> bool:
     return isinstance(m, nn.PReLU) and m.weight.numel() == 1
 
 
-def _bn_affine(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm1d as ``z -> s * z + t``."""
+def _fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d | None) -> tuple[Tensor, Tensor | None]:
+    """``linear`` followed by ``bn`` in eval mode as one (weight, bias): torch's Linear-BatchNorm fusion
+    (``fuse_linear_bn_weights``, the math of ``fuse_linear_bn_eval`` without its eval-mode assertion: collapse
+    always uses eval semantics, also while the network trains). No affine parameters count as gamma 1, beta 0."""
+    if bn is None:
+        return linear.weight, linear.bias
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("collapse needs BatchNorm1d with running statistics (track_running_stats=True).")
-    s = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight
-    t = -s * bn.running_mean
-    if bn.bias is not None:
-        t = t + bn.bias
-    return s, t
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    return fuse_linear_bn_weights(linear.weight, linear.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta)
 
 
 @torch.no_grad()
 def collapse_chain(linears: Sequence[nn.Linear], batchnorms: Sequence[nn.BatchNorm1d | None] | None = None) -> nn.Linear:
     """One ``nn.Linear`` equal to ``L_k(BN_{k-1}(... BN_1(L_1 x)))`` in eval mode (``batchnorms[i]`` sits after
-    ``linears[i]``; ``None`` entries mean no norm). Products are formed from the output side, in the layers' dtype,
-    so the large input-side matrix is multiplied once (e.g. VGG: (1000x4096 @ 4096x4096) @ 4096x25088)."""
+    ``linears[i]``; ``None`` entries mean no norm). Each BatchNorm is first folded into the Linear before it
+    (``_fold_bn``); the products are then formed from the output side, in the layers' dtype, so the large
+    input-side matrix is multiplied once (e.g. VGG: (1000x4096 @ 4096x4096) @ 4096x25088)."""
     linears = list(linears)
     if not linears:
         raise ValueError("collapse_chain needs at least one Linear.")
@@ -62,17 +65,14 @@ def collapse_chain(linears: Sequence[nn.Linear], batchnorms: Sequence[nn.BatchNo
     for a, b in zip(linears[:-1], linears[1:]):
         if a.out_features != b.in_features:
             raise ValueError(f"chain shape mismatch: {a.out_features} -> {b.in_features}.")
+    folded = [_fold_bn(lin, bn) for lin, bn in zip(linears[:-1], norms)]
     last = linears[-1]
     weight = last.weight.detach().clone()
     bias = last.bias.detach().clone() if last.bias is not None else weight.new_zeros(last.out_features)
-    for lin, bn in zip(reversed(linears[:-1]), reversed(norms)):
-        if bn is not None:  # W (s z + t) = (W diag s) z + W t
-            s, t = _bn_affine(bn)
-            bias = bias + weight @ t.to(weight)
-            weight = weight * s.to(weight)
-        if lin.bias is not None:
-            bias = bias + weight @ lin.bias.to(weight)
-        weight = weight @ lin.weight.to(weight)
+    for lin_weight, lin_bias in reversed(folded):
+        if lin_bias is not None:
+            bias = bias + weight @ lin_bias.to(weight)
+        weight = weight @ lin_weight.to(weight)
     out = nn.Linear(linears[0].in_features, last.out_features, device=weight.device, dtype=weight.dtype)
     out.weight.copy_(weight)
     out.bias.copy_(bias)

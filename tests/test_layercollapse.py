@@ -29,6 +29,7 @@ def randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
                 m.running_var.copy_(torch.rand(n, generator=gen, dtype=dt) * 1.5 + 0.5)
                 m.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen, dtype=dt))
                 m.bias.copy_(0.3 * torch.randn(n, generator=gen, dtype=dt))
+                m.bias.copy_(0.3 * torch.randn(n, generator=gen, dtype=dt))
 
 
 def set_slopes(module: nn.Module, value: float) -> nn.Module:
@@ -102,6 +103,33 @@ def test_collapse_chain_direct_three_layers_with_bn_matches_formula():
         torch.testing.assert_close(lin(x), l3(l2(bn(l1(x)))), rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
         collapse_chain([l1, l3])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_collapse_chain_folds_bn_as_torch_fusion_does(affine, bias):
+    """BN folding is torch's Linear-BN fusion: the collapse equals ``L2(fuse_linear_bn_eval(L1, BN))`` (which
+    refuses a BN without affine parameters) and the uncollapsed eval-mode chain (fp32, max |diff| <= 1e-5), also
+    for BN without affine parameters, Linears without biases, and modules left in training mode (collapse always
+    uses eval semantics)."""
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(D, H, bias=bias), nn.Linear(H, O, bias=bias)
+    bn = nn.BatchNorm1d(H, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_(1.0, 0.3), bn.bias.normal_(0.0, 0.3)
+    lin = collapse_chain([l1, l2], [bn])  # l1, l2, bn in training mode
+    assert l1.training and bn.training
+    x = torch.randn(N, D)
+    with torch.no_grad():
+        y = lin(x)
+        bn.eval(), l1.eval()
+        if affine:
+            fused = nn.utils.fusion.fuse_linear_bn_eval(l1, bn)
+            assert (y - l2(fused(x))).abs().max().item() <= 1e-5
+        assert (y - l2(bn(l1(x)))).abs().max().item() <= 1e-5
 
 
 def test_threshold_logic():
