@@ -17,17 +17,17 @@ stage3 -> concat -> stage4 -> maxpool -> grouped 1x1 conv (g 8) BN ReLU Dropout 
 Concatenating a tensor with itself doubles channels without parameters.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-LRUNET_WIDTHS = (1, 2)
-LRUNET_MODES = ("parity", "clean")
+from constraints import Fraction, PositiveInt
+
+LruNetWidth = Literal[1, 2]
+LRUNET_WIDTHS: tuple[int, ...] = get_args(LruNetWidth)
 _BASE_CFG = (64, 128, 256, 512, 256)
 _STEM_CHANNELS = 64  # fixed for every width (B2); width 2 duplicates the stem output
 
@@ -99,23 +99,15 @@ class LruNet(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        reuse: int = 1,
-        width: int = 1,
-        dropout: float = 0.5,
+        reuse: PositiveInt = 1,
+        width: LruNetWidth = 1,
+        dropout: Fraction = 0.5,
         mode: Literal["parity", "clean"] = "parity",
         channels_last: bool = True,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"LruNet needs image inputs (C, H, W); the datamodule gives shape {tuple(input_shape)}.")
-        if width not in LRUNET_WIDTHS:
-            raise ValueError(f"width must be one of {LRUNET_WIDTHS} (the stem is fixed at 64 channels), got {width!r}.")
-        if reuse < 1:
-            raise ValueError(f"model.net.reuse (LruNet) must be an integer >= 1, got {reuse!r}.")
-        if mode not in LRUNET_MODES:
-            raise ValueError(f"mode must be one of {LRUNET_MODES}, got {mode!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         in_ch, height, width_px = (int(v) for v in input_shape)
         if in_ch < 1 or num_classes < 1:
             raise ValueError(f"need at least one input channel and one class, got input_shape {tuple(input_shape)}, "

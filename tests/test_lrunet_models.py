@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.accounting import count_dense_equivalent
+from parsing import parser_refuses
 from models.lrunet import (
     LruBlock,
     LruNet,
@@ -220,13 +221,10 @@ def test_final_map_is_2x2_for_28_and_32():
         assert seen["map"][-2:] == (2, 2)
 
 
-def test_invalid_options_raise():
-    with pytest.raises(ValueError, match="width"):
-        LruNet(CIFAR, 10, width=3)
-    with pytest.raises(ValueError, match="reuse"):
-        LruNet(CIFAR, 10, reuse=0)
-    with pytest.raises(ValueError, match="mode"):
-        LruNet(CIFAR, 10, mode="fast")
+def test_invalid_options_are_refused():
+    for bad in (dict(width=3), dict(reuse=0), dict(mode="fast"), dict(dropout=1.0)):
+        assert parser_refuses(LruNet, **bad), bad
+    assert not parser_refuses(LruNet, reuse=3, width=2, mode="clean", dropout=0.0)
     with pytest.raises(ValueError, match="C, H, W"):
         LruNet((784,), 10)
     with pytest.raises(ValueError, match="vanishes"):
