@@ -12,15 +12,16 @@ from 32x32, 4x4 from 28x28) by a stride-1 stem and by dropping one further downs
 Channel tables and rounding follow okankop/CNN-layer-reuse (commit 1dd8d42, MIT): widths are ``int(c * width)``.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import shufflenetv2 as tv_shufflenetv2
 from torchvision.ops.misc import Conv2dNormActivation
+
+from constraints import Fraction, PositiveFloat
 
 
 def _image_channels(input_shape: Sequence[int], name: str) -> int:
@@ -31,8 +32,9 @@ def _image_channels(input_shape: Sequence[int], name: str) -> int:
 
 def _scaled(channels: int, width: float, name: str) -> int:
     """The reference repo's rounding, ``int(channels * width)`` (floor), which must stay >= 1."""
-    if width <= 0 or int(channels * width) < 1:
-        raise ValueError(f"{name} width must be > 0 and keep every layer at >= 1 channel, got {width}.")
+    if int(channels * width) < 1:
+        raise ValueError(f"model.net.width ({name}) must keep every layer at >= 1 channel "
+                         f"(int({channels} * width) >= 1), got {width}.")
     return int(channels * width)
 
 
@@ -77,7 +79,8 @@ class MobileNetV1(nn.Module):
     Initialisation is PyTorch's default, as in the reference repo.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 0.25, dropout: float = 0.2) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: PositiveFloat = 0.25,
+                 dropout: Fraction = 0.2) -> None:
         super().__init__()
         in_ch = _image_channels(input_shape, "MobileNetV1")
         channels = _scaled(32, width, "MobileNetV1")
@@ -114,7 +117,8 @@ class MobileNetV2Small(tv_mobilenetv2.MobileNetV2):
         dropout: dropout before the Linear head.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 0.25, dropout: float = 0.2) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: PositiveFloat = 0.25,
+                 dropout: Fraction = 0.2) -> None:
         in_ch = _image_channels(input_shape, "MobileNetV2Small")
         setting = [[t, _scaled(c, width, "MobileNetV2Small"), n, s] for t, c, n, s in _MOBILENET_V2_SETTING]
         super().__init__(num_classes=num_classes, width_mult=1.0, inverted_residual_setting=setting, round_nearest=1,
@@ -184,11 +188,10 @@ class ShuffleNetV1(nn.Module):
         groups: groups of the 1x1 convolutions (3; 8 uses the 384/768/1536 table).
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 0.5, groups: int = 3) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: PositiveFloat = 0.5,
+                 groups: Literal[3, 8] = 3) -> None:
         super().__init__()
         tables = {3: (24, 240, 480, 960), 8: (24, 384, 768, 1536)}
-        if groups not in tables:
-            raise ValueError(f"groups must be one of {sorted(tables)}, got {groups}.")
         in_ch = _image_channels(input_shape, "ShuffleNetV1")
         stem, *outs = (max(groups, _scaled(c, width, "ShuffleNetV1") // groups * groups) for c in tables[groups])
         self.stem = Conv2dNormActivation(in_ch, stem, stride=1, activation_layer=nn.ReLU)
@@ -227,10 +230,11 @@ class ShuffleNetV2Small(tv_shufflenetv2.ShuffleNetV2):
         width: one of ``SHUFFLENET_V2_CHANNELS`` (B5: 0.25 for CIFAR-10 / Fashion-MNIST, 0.75 for CIFAR-100).
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 0.25) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: PositiveFloat = 0.25) -> None:
         in_ch = _image_channels(input_shape, "ShuffleNetV2Small")
-        if width not in SHUFFLENET_V2_CHANNELS:
-            raise ValueError(f"width must be one of {sorted(SHUFFLENET_V2_CHANNELS)}, got {width}.")
+        if width not in SHUFFLENET_V2_CHANNELS:  # a float choice: Literal takes no floats
+            raise ValueError(f"model.net.width (ShuffleNetV2Small) must be one of {sorted(SHUFFLENET_V2_CHANNELS)}, "
+                             f"got {width}.")
         super().__init__(stages_repeats=[4, 8, 4], stages_out_channels=[24, *SHUFFLENET_V2_CHANNELS[width]],
                          num_classes=num_classes)
         self.conv1[0] = nn.Conv2d(in_ch, 24, 3, stride=1, padding=1, bias=False)

@@ -323,7 +323,9 @@ def test_baseline_parameter_counts_match_reference(cls, width, channels, num_cla
 def test_baseline_invalid_widths_raise():
     with pytest.raises(ValueError, match="width"):
         ShuffleNetV2Small(CIFAR, 10, width=0.3)
-    with pytest.raises(ValueError, match="width"):
-        MobileNetV1(CIFAR, 10, width=0.0)
-    with pytest.raises(ValueError, match="groups"):
-        ShuffleNetV1(CIFAR, 10, groups=4)
+    with pytest.raises(ValueError, match="width"):  # > 0, but int(32 * 0.01) = 0 channels
+        MobileNetV1(CIFAR, 10, width=0.01)
+    for cls, bad in ((MobileNetV1, dict(width=0.0)), (MobileNetV2Small, dict(dropout=1.0)),
+                     (ShuffleNetV1, dict(groups=4)), (ShuffleNetV2Small, dict(width=-0.5))):
+        assert parser_refuses(cls, **bad), (cls, bad)
+    assert not parser_refuses(ShuffleNetV1, groups=8, width=0.5)
