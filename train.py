@@ -26,10 +26,40 @@ import datamodules  # noqa: F401  (short class names in YAML)
 from callbacks import BestAndLastCheckpoint
 from lightning_modules import ClassificationModule
 
+DEFAULT_ROOT_DIR = "runs"
+
+# Runs live in <save_dir>/<name>/version_N: save_dir follows trainer.default_root_dir (runs; _place_logger), the name
+# is the first --config's path under configs/ (run_name): configs/fashion_mnist/baseline.yaml -> fashion_mnist/baseline
 LOGGER_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "runs", "name": "default"},
+    "init_args": {"save_dir": DEFAULT_ROOT_DIR, "name": "default"},
 }
+
+
+def run_name(args: list[str]) -> str:
+    """The logger name a command line gets unless it gives one: the first ``--config`` file's path relative to the
+    ``configs`` directory holding it, without its suffix (``configs/fashion_mnist/baseline.yaml`` ->
+    ``fashion_mnist/baseline``); the file's stem outside a ``configs`` directory; ``default`` without a file."""
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():  # a config given as a YAML string
+            continue
+        path = path.resolve()
+        root = next((parent for parent in path.parents if parent.name == "configs"), path.parent)
+        return path.relative_to(root).with_suffix("").as_posix()
+    return "default"
+
+
+def logger_default(args: list[str]) -> dict:
+    """``LOGGER_DEFAULT`` named by ``run_name(args)``."""
+    return {**LOGGER_DEFAULT, "init_args": {**LOGGER_DEFAULT["init_args"], "name": run_name(args)}}
+
 
 GLOBAL_BATCH_LAYERS = {"class_path": "lightning_modules.distributed.GlobalBatchLayers"}
 
@@ -78,8 +108,22 @@ class MorphLabCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
-            self._resume_into_last_version(self.config.fit)
+        config = self.config.get(str(self.subcommand), self.config)
+        self._place_logger(config)
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            self._resume_into_last_version(config)
+
+    @staticmethod
+    def _place_logger(config) -> None:
+        """The logger writes under ``trainer.default_root_dir``, as Lightning's own default logger does, unless its
+        ``save_dir`` is given: a ``save_dir`` other than the default ``runs`` wins (``runs`` itself reads as not given,
+        since the parsed config cannot tell a default from a value that equals it)."""
+        root = config.trainer.get("default_root_dir")
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
+                init_args.save_dir = str(root)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first checkpoint leaves no half-written run directory behind."""
@@ -124,8 +168,14 @@ def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        # the logger: named after the first --config, under trainer.default_root_dir (LOGGER_DEFAULT, run_name);
         # GlobalBatchLayers: under DDP, BatchNorm and Dropout act on the global batch (lightning_modules/distributed.py)
-        trainer_defaults={"logger": LOGGER_DEFAULT, "log_every_n_steps": 10, "plugins": GLOBAL_BATCH_LAYERS},
+        trainer_defaults={
+            "logger": logger_default(sys.argv[1:] if args is None else args if isinstance(args, list) else []),
+            "default_root_dir": DEFAULT_ROOT_DIR,
+            "log_every_n_steps": 10,
+            "plugins": GLOBAL_BATCH_LAYERS,
+        },
         args=args,
         run=run,
     )
