@@ -1,10 +1,10 @@
 """A small VGG-style ConvNet: [Conv3x3 -> BN -> ReLU -> MaxPool2] per stage, then an MLP head."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+
+from constraints import Fraction, NonNegativeInt, PositiveInt
 
 
 class ConvNet(nn.Module):
@@ -22,9 +22,9 @@ class ConvNet(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (32, 64),
-        hidden: int = 128,
-        dropout: float = 0.0,
+        channels: Sequence[PositiveInt] = (32, 64),
+        hidden: NonNegativeInt = 128,
+        dropout: Fraction = 0.0,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:

@@ -1,20 +1,16 @@
 """A plain multi-layer perceptron: flatten -> [Linear -> (BatchNorm) -> act -> (Dropout)] x L -> Linear."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "prelu": nn.PReLU}
+from constraints import Fraction, PositiveInt
 
-
-def make_activation(name: str) -> nn.Module:
-    """Build an activation by name; one clear error naming the allowed values otherwise."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
-    return ACTIVATIONS[name]()
+Activation = Literal["relu", "gelu", "tanh", "silu", "prelu"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
+                                           "prelu": nn.PReLU}
 
 
 def mlp_layers(
@@ -22,22 +18,18 @@ def mlp_layers(
     num_classes: int,
     hidden: Sequence[int],
     make_linear: Callable[[int, int], nn.Module],
-    activation: str = "relu",
+    activation: Activation = "relu",
     batch_norm: bool = False,
     dropout: float = 0.0,
 ) -> list[nn.Module]:
     """``Flatten, [make_linear -> (BatchNorm1d) -> act -> (Dropout)] per hidden width, Linear`` (output dense)."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}.")
-    if any(int(w) < 1 for w in hidden):
-        raise ValueError(f"model.net.hidden widths must be positive integers, got {list(hidden)}.")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for out in hidden:
         layers.append(make_linear(width, int(out)))
         if batch_norm:
             layers.append(nn.BatchNorm1d(int(out)))
-        layers.append(make_activation(activation))
+        layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = int(out)
@@ -61,9 +53,9 @@ class MLP(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (512, 512),
-        activation: str = "relu",
-        dropout: float = 0.0,
+        hidden: Sequence[PositiveInt] = (512, 512),
+        activation: Activation = "relu",
+        dropout: Fraction = 0.0,
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
