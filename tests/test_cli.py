@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import yaml
 
+import train
 from conftest import ROOT, quiet, run_cli, summary
 from lightning_modules import Baseline
 
@@ -43,10 +46,16 @@ def test_fit_then_test_round_trip(in_tmp):
     assert model.input_shape == (2,) and model.num_classes == 2
 
 
+# the schedule of the whole 4-epoch run for its interrupted first half too (a cosine without T_max lasts each command's
+# max_epochs, and a resumed run keeps the schedule of its checkpoint)
+FOUR_EPOCH_COSINE = "--model.init_args.lr_scheduler.init_args.T_max=4"
+
+
 def test_resume_from_last_equals_an_uninterrupted_run(in_tmp):
-    straight = run_cli("fit", *TINY, "--trainer.max_epochs=4", "--test_after_fit=false", *quiet(in_tmp / "a"))
-    run_cli("fit", *TINY, "--trainer.max_epochs=2", "--test_after_fit=false", *quiet(in_tmp / "b"))
-    resumed = run_cli("fit", *TINY, "--trainer.max_epochs=4", "--ckpt_path=last", "--test_after_fit=false", *quiet(in_tmp / "b"))
+    tiny = [*TINY, FOUR_EPOCH_COSINE, "--test_after_fit=false"]
+    straight = run_cli("fit", *tiny, "--trainer.max_epochs=4", *quiet(in_tmp / "a"))
+    run_cli("fit", *tiny, "--trainer.max_epochs=2", *quiet(in_tmp / "b"))
+    resumed = run_cli("fit", *tiny, "--trainer.max_epochs=4", "--ckpt_path=last", *quiet(in_tmp / "b"))
     assert Path(resumed.trainer.log_dir).name == "version_0"  # continued in the same run directory
     a, b = last_state(Path(straight.trainer.log_dir)), last_state(Path(resumed.trainer.log_dir))
     assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"]
@@ -70,7 +79,11 @@ def test_resume_last_without_a_previous_run_says_so(in_tmp):
         run_cli("fit", *TINY, "--ckpt_path=last", *quiet(in_tmp))
 
 
-EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("presets", "suites"))
+# every configs/<dir>/*.yaml is an experiment, except suites and the fragments experiments are composed from
+FRAGMENTS = ("presets", "suites", "recipes", "data")
+EXPERIMENTS = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in FRAGMENTS
+)
 PRESETS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/presets").glob("*.yaml"))
 
 
@@ -102,6 +115,107 @@ def test_every_preset_composes_with_an_experiment(preset, capsys):
     assert expected in print_config(capsys, experiment, preset)
 
 
+# --- composed configs, run names and places ----------------------------------------------------------------------
+def build(*args: str) -> train.MorphLabCLI:
+    """``train.main(args, run=False)``: the model, datamodule and trainer a command line builds, nothing run."""
+    with mock.patch("sys.argv", ["train.py"]):
+        return train.main(list(args), run=False)
+
+
+MOONS = str(ROOT / "configs/moons/baseline.yaml")
+
+
+def test_the_run_name_is_the_first_config_path_under_configs(tmp_path):
+    baseline = str(ROOT / "configs/fashion_mnist/baseline.yaml")
+    parity = str(ROOT / "configs/presets/morphreuse_parity.yaml")
+    assert train.run_name(["fit", "--config", baseline, "--config", parity]) == "fashion_mnist/baseline"
+    # a config given as a string is no file
+    assert train.run_name(["fit", "--config={trainer: {max_epochs: 2}}", f"--config={MOONS}"]) == "moons/baseline"
+    (tmp_path / "mine.yaml").write_text("trainer.max_epochs: 2\n")
+    assert train.run_name(["-c", str(tmp_path / "mine.yaml")]) == "mine"  # outside a configs/ directory: its stem
+    assert train.run_name(["fit", "--trainer.max_epochs=2"]) == "default"
+
+
+def test_the_logger_is_named_after_the_config_and_placed_by_default_root_dir_unless_given(in_tmp):
+    default = build("--config", MOONS).trainer.logger
+    assert (default.save_dir, default.name) == ("runs", "moons/baseline")
+    moved = build("--config", MOONS, "--trainer.default_root_dir=elsewhere").trainer.logger
+    assert (moved.save_dir, moved.name) == ("elsewhere", "moons/baseline")
+    given = build("--config", MOONS, "--trainer.default_root_dir=elsewhere", "--trainer.logger.init_args.save_dir=mine",
+                  "--trainer.logger.init_args.name=my_name").trainer.logger
+    assert (given.save_dir, given.name) == ("mine", "my_name")
+
+
+def test_default_root_dir_places_a_run_that_resumes_there(in_tmp):
+    args = ["--config", MOONS, "--trainer.default_root_dir=elsewhere", "--test_after_fit=false",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    first = run_cli("fit", *args, "--trainer.max_epochs=1")
+    run_dir = Path(first.trainer.log_dir)
+    assert run_dir.resolve() == in_tmp / "elsewhere/moons/baseline/version_0" and not (in_tmp / "runs").exists()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
+    assert saved["logger"]["init_args"]["save_dir"] == saved["default_root_dir"] == "elsewhere"
+    assert saved["logger"]["init_args"]["name"] == "moons/baseline"  # the saved config is named without its path
+    resumed = run_cli("fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert Path(resumed.trainer.log_dir).resolve() == run_dir.resolve() and last_state(run_dir)["epoch"] == 1
+
+
+def test_a_cosine_without_t_max_lasts_the_run(in_tmp):
+    from lightning_modules.schedules import CosineAnnealingLR
+
+    def scheduler(*args: str):
+        cli = build("--config", MOONS, *args)
+        cli.model.trainer = cli.trainer
+        return cli.model.configure_optimizers()["lr_scheduler"]["scheduler"]
+
+    follows = scheduler("--trainer.max_epochs=7")
+    assert isinstance(follows, CosineAnnealingLR) and follows.T_max == 7
+    assert scheduler("--trainer.max_epochs=7", "--model.init_args.lr_scheduler.init_args.T_max=3").T_max == 3
+
+
+# configs/fashion_mnist/lora.yaml written out in full: what baseline.yaml, recipes/adam_cosine.yaml and
+# data/fashion_mnist.yaml compose to
+SPELLED_OUT_LORA = """
+seed_everything: 0
+trainer:
+  max_epochs: 10
+  logger:
+    init_args: {name: fashion_mnist/lora}
+model:
+  class_path: lightning_modules.LoRA
+  init_args:
+    net: {class_path: models.MLP, init_args: {hidden: [512, 512], activation: relu}}
+    r: 4
+    alpha: 4
+    target_modules: all-linear
+    optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}}
+    lr_scheduler: {class_path: lightning_modules.schedules.CosineAnnealingLR}
+data:
+  class_path: datamodules.FashionMNISTDataModule
+  init_args: {batch_size: 128, normalization: half}
+"""
+
+
+def test_an_experiment_built_from_fragments_resolves_to_its_spelled_out_form(tmp_path, capsys):
+    (tmp_path / "lora.yaml").write_text(SPELLED_OUT_LORA)
+    composed = yaml.safe_load(print_config(capsys, "configs/fashion_mnist/lora.yaml"))
+    assert composed == yaml.safe_load(print_config(capsys, str(tmp_path / "lora.yaml")))
+    assert composed["model"]["init_args"]["lr_scheduler"]["init_args"] == {"T_max": None, "eta_min": 0.0}
+
+
+def test_after_config_a_dotted_key_changes_one_value_and_a_block_replaces_the_whole_key(tmp_path, capsys):
+    base = ROOT / "configs/fashion_mnist/baseline.yaml"
+    (tmp_path / "dotted.yaml").write_text(f"config: {base}\nmodel.init_args.net.init_args.hidden: [64]\n")
+    (tmp_path / "block.yaml").write_text(
+        f"config: {base}\nmodel:\n  class_path: lightning_modules.Baseline\n  init_args:\n"
+        "    net: {class_path: models.MLP, init_args: {hidden: [64]}}\n"
+    )
+    dotted = yaml.safe_load(print_config(capsys, str(tmp_path / "dotted.yaml")))["model"]["init_args"]
+    assert dotted["net"]["init_args"]["hidden"] == [64] and dotted["net"]["init_args"]["activation"] == "relu"
+    assert dotted["lr_scheduler"]["class_path"] == "lightning_modules.schedules.CosineAnnealingLR"
+    block = yaml.safe_load(print_config(capsys, str(tmp_path / "block.yaml")))["model"]["init_args"]
+    assert block["net"]["init_args"]["hidden"] == [64] and block["lr_scheduler"] is None  # the base's model is gone
+
+
 def test_predict_returns_one_class_per_test_sample(in_tmp):
     cli = run_cli("fit", *TINY, "--trainer.max_epochs=1", "--test_after_fit=false", *quiet(in_tmp))
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -114,7 +228,8 @@ def test_predict_returns_one_class_per_test_sample(in_tmp):
 @pytest.mark.slow
 def test_fashion_mnist_resume_equals_uninterrupted(in_tmp):
     """The acceptance check of the foundation on real data: 2 epochs + resume to 4 == 4 epochs."""
-    config = ["--config", str(ROOT / "configs/fashion_mnist/baseline.yaml"), "--test_after_fit=false", f"--data.init_args.root={ROOT / 'data'}"]
+    config = ["--config", str(ROOT / "configs/fashion_mnist/baseline.yaml"), FOUR_EPOCH_COSINE, "--test_after_fit=false",
+              f"--data.init_args.root={ROOT / 'data'}"]
     straight = run_cli("fit", *config, "--trainer.max_epochs=4", *quiet(in_tmp / "a"))
     run_cli("fit", *config, "--trainer.max_epochs=2", *quiet(in_tmp / "b"))
     resumed = run_cli("fit", *config, "--trainer.max_epochs=4", "--ckpt_path=last", *quiet(in_tmp / "b"))
