@@ -57,10 +57,6 @@ class QueryTable:
     shapes: tuple[tuple[int, ...], ...]
     offsets: tuple[int, ...]  # len T + 1; tensor t owns rows offsets[t]:offsets[t + 1]
 
-    @property
-    def num_queries(self) -> int:
-        return int(self.raw.shape[0])
-
 
 def coordinate_table(shapes: Mapping[str, tuple[int, ...]]) -> QueryTable:
     """Raw coordinates (t, o, c, T, C_out, C_in) of every query, tensors in the given order (§3.1)."""
@@ -182,9 +178,6 @@ class NeuMetaINR(nn.Module):
                 raise ValueError(f"the layout's tensors changed with the width: {tuple(shapes)} vs {self.names}.")
             self._tables[width] = coordinate_table(shapes)
         return self._tables[width]
-
-    def num_queries(self, width: int) -> int:
-        return self.table(width).num_queries
 
     def _noisy(self, raw: Tensor, sigma: float, generator: torch.Generator | None) -> Tensor:
         if sigma == 0:

@@ -3,8 +3,7 @@ shared/specs/neumeta.md §1.1, §2).
 
 Total variation (§2.1): for a 1-D tensor ``TV(t) = sum_i |t[i+1] - t[i]|``; for a 2-D or 4-D tensor the absolute
 differences between neighbours along the output-channel axis (0) and the input-channel axis (1), summed over all
-remaining entries (no differences inside a k x k kernel). Network TV = mean over all parameter tensors
-(``reduction="sum"`` gives the older summed variant).
+remaining entries (no differences inside a k x k kernel). Network TV = mean over all parameter tensors.
 
 For a clique (``models.neumeta_targets.Clique``) of C channels, stack every member parameter slice with its channel
 axis first and flattened, ``F = [W_1.movedim(a_1, 0).reshape(C, -1) | ... ]`` of shape [C, D] (§2.3). Reordering
@@ -27,18 +26,15 @@ commute with channel permutations; §2.5). BatchNorm is folded into its producer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from models.neumeta_targets import Clique
-
-TV_REDUCTIONS = ("mean", "sum")
+from models.neumeta_targets import Clique, NeuMetaTarget
 
 
 def tensor_tv(t: Tensor) -> Tensor:
@@ -52,36 +48,24 @@ def tensor_tv(t: Tensor) -> Tensor:
     return tv
 
 
-def network_tv(net: nn.Module | Mapping[str, Tensor], reduction: str = "mean") -> float:
-    """Mean (or sum) of ``tensor_tv`` over the parameters of ``net`` (or over the tensors of a name -> tensor map)."""
-    if reduction not in TV_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {TV_REDUCTIONS}, got {reduction!r}.")
+def network_tv(net: nn.Module | Mapping[str, Tensor]) -> float:
+    """Mean of ``tensor_tv`` over the parameters of ``net`` (or over the tensors of a name -> tensor map)."""
     tensors = list(net.values() if isinstance(net, Mapping) else (p for _, p in net.named_parameters()))
     if not tensors:
         raise ValueError("network_tv needs at least one tensor.")
-    total = sum(float(tensor_tv(t).double()) for t in tensors)
-    return total / len(tensors) if reduction == "mean" else total
+    return sum(float(tensor_tv(t).double()) for t in tensors) / len(tensors)
 
 
 @torch.no_grad()
-def fold_batchnorm_(net: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> list[str]:
-    """Fold each eval-mode BatchNorm into its producing Linear/Conv and replace the BN by ``nn.Identity`` (§1.1).
-
-    ``pairs`` are ``(producer, batchnorm)`` module paths (default: ``net.bn_pairs()`` of a NeuMeta target).
-    In place; returns the folded BN paths. The result equals the eval-mode network.
-    """
-    if pairs is None:
-        if not hasattr(net, "bn_pairs"):
-            raise ValueError(f"{type(net).__name__} has no bn_pairs(); pass pairs=[(producer, batchnorm), ...].")
-        pairs = net.bn_pairs()
-    pairs = list(pairs)
+def fold_batchnorm_(net: NeuMetaTarget) -> list[str]:
+    """Fold each eval-mode BatchNorm of ``net.bn_pairs()`` into its producing Linear/Conv and replace the BN by
+    ``nn.Identity`` (§1.1). In place; returns the folded BN paths. The result equals the eval-mode network."""
+    pairs = net.bn_pairs()
     was_training = net.training
     net.eval()  # the torch fusion helpers refuse modules in training mode
     folded = []
     for producer_name, bn_name in pairs:
         producer, bn = net.get_submodule(producer_name), net.get_submodule(bn_name)
-        if not isinstance(bn, _BatchNorm):
-            raise ValueError(f"{bn_name!r} is a {type(bn).__name__}, not a BatchNorm; cannot fold it.")
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{bn_name!r} has no running statistics (track_running_stats=False); cannot fold it.")
         if isinstance(producer, nn.Linear):
@@ -228,33 +212,25 @@ class SmoothingResult:
 
 
 @torch.no_grad()
-def smooth_(net: nn.Module, cliques: Sequence[Clique] | None = None, fold_bn: bool = True, keep: int = 4,
-            reduction: str = "mean") -> SmoothingResult:
-    """Fold BN (if ``fold_bn``), then permute every clique of ``net`` along its SHP order, in place.
-
-    ``cliques`` defaults to ``net.cliques()`` of a NeuMeta target, read after folding. TV before is measured after
-    folding, so before/after compare the same parameter set. Apply once to the pretrained full-width model (§2.6).
+def smooth_(net: NeuMetaTarget, fold_bn: bool = True) -> SmoothingResult:
+    """Fold BN (if ``fold_bn``), then permute every clique of ``net`` (``net.cliques()``, read after folding) along
+    its SHP order, in place. TV before is measured after folding, so before/after compare the same parameter set.
+    Apply once to the pretrained full-width model (§2.6).
     """
-    if fold_bn and not hasattr(net, "bn_pairs") and any(isinstance(m, _BatchNorm) for m in net.modules()):
-        raise ValueError(f"{type(net).__name__} has BatchNorm but no bn_pairs(); call fold_batchnorm_(net, pairs) "
-                         "first or pass fold_bn=False with the BN entries in the cliques.")
-    folded = fold_batchnorm_(net) if fold_bn and hasattr(net, "bn_pairs") else []
-    if cliques is None:
-        if not hasattr(net, "cliques"):
-            raise ValueError(f"{type(net).__name__} has no cliques(); pass cliques=[...].")
-        cliques = net.cliques()
+    folded = fold_batchnorm_(net) if fold_bn else []
+    cliques = net.cliques()
     check_cliques(net, cliques)
-    tv_before = network_tv(net, reduction)
+    tv_before = network_tv(net)
     perms, before, after = {}, {}, {}
     for clique in cliques:
         features = clique_features(net, clique)
-        order = shortest_open_path(features, keep=keep)
+        order = shortest_open_path(features)
         d = torch.cdist(features[None], features[None], p=1)[0]
         before[clique.name] = path_cost(d, torch.arange(clique.size))
         after[clique.name] = path_cost(d, order)
         permute_clique_(net, clique, order)
         perms[clique.name] = order
-    return SmoothingResult(perms, tv_before, network_tv(net, reduction), before, after, folded)
+    return SmoothingResult(perms, tv_before, network_tv(net), before, after, folded)
 
 
 # --------------------------------------------------------------------------------------------------------
