@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.neumeta import unit_activity
+from lightning_modules.neumeta.evaluation import unit_activity
 from models import NeuMetaResNet20
 from models.neumeta_baselines import l1_prune_to_width
 from models.neumeta_inr import NeuMetaINR

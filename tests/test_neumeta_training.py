@@ -14,7 +14,8 @@ from torch import nn
 
 from conftest import ROOT, quiet, run_cli, summary
 from lightning_modules import NeuMeta
-from lightning_modules.neumeta import unit_activity, weighted_recon
+from lightning_modules.neumeta.evaluation import dead_fraction, unit_activity
+from lightning_modules.neumeta.module import weighted_recon
 from models import NeuMetaCNN, NeuMetaHead, NeuMetaResidual
 from models.neumeta_inr import NeuMetaINR
 from models.plain_export import load_exported
@@ -60,7 +61,7 @@ def test_unit_activity_finds_dead_units():
     with unit_activity(net, ["fc1"]) as alive:
         net(torch.randn(4, 64))
     assert alive["fc1"].tolist() == [True, False, True, False, True, False, False, False]
-    assert NeuMeta._dead_fraction(alive) == pytest.approx(5 / 8)
+    assert dead_fraction(alive) == pytest.approx(5 / 8)
     assert not net.fc1._forward_hooks  # hooks live only inside the with block
 
 
@@ -137,15 +138,32 @@ def test_batchnorm_target_is_folded_and_tests_from_its_checkpoint(in_tmp):
 
 @pytest.mark.parametrize("override, field", [
     ({"train_widths": (40, 20)}, "model.train_widths"),
-    ({"sigma": -1.0}, "model.sigma"),
-    ({"ema_decay": 1.0}, "model.ema_decay"),
     ({"test_widths": [0, 8]}, "model.test_widths"),
-    ({"test_samples": 0}, "model.test_samples"),
+    ({"deploy_width": 17}, "model.deploy_width"),
     ({"pretrain_epochs": 0}, "model.pretrain_epochs"),
 ])
-def test_bad_settings_name_the_field(override, field):
+def test_settings_that_relate_fields_are_checked_by_the_constructor(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         NeuMeta(net=lambda s, c: NeuMetaHead(s, c, width=16), input_shape=(64,), num_classes=10, **override)
+
+
+@pytest.mark.parametrize("config, override, field", [
+    ("digits/neumeta_head", "--model.init_args.sigma=-1", "sigma"),
+    ("digits/neumeta_head", "--model.init_args.ema_decay=1.0", "ema_decay"),
+    ("digits/neumeta_head", "--model.init_args.test_samples=0", "test_samples"),
+    ("digits/neumeta_head", "--model.init_args.warm_start_steps=-1", "warm_start_steps"),
+    ("digits/neumeta_head", "--model.init_args.inr_hidden=0", "inr_hidden"),
+    ("digits/neumeta_head", "--model.init_args.net.init_args.width=0", "width"),
+    ("digits/neumeta_res", "--model.init_args.net.init_args.stem_width=0", "stem_width"),
+    ("mnist/neumeta_cnn", "--model.init_args.net.init_args.width=0", "width"),
+    ("cifar10/neumeta_resnet20", "--model.init_args.net.init_args.width=-4", "width"),
+])
+def test_the_parser_refuses_an_out_of_range_setting(config, override, field, capsys):
+    """Single-field ranges are types (constraints.py), checked by the parser before anything is built."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(ROOT / f"configs/{config}.yaml"), override, "--print_config")
+    assert exit_info.value.code == 2
+    assert field in capsys.readouterr().err
 
 
 def test_a_network_that_is_no_neumeta_target_is_refused():
