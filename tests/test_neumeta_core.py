@@ -53,6 +53,7 @@ class Constant(nn.Module):
 def constant_mlps_(inr: NeuMetaINR, vectors: list[Tensor]) -> NeuMetaINR:
     for t, v in enumerate(vectors):
         inr.mlps[t] = Constant(v)
+    return inr
 
 
 # ---------------------------------------------------------------------------------------------------------------
