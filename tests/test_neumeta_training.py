@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from conftest import ROOT, quiet, run_cli, summary
@@ -102,11 +101,8 @@ def _inr_state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_interrupted_run_resumes_to_identical_inr_and_ema(in_tmp):
     full = run_cli("fit", *SMALL, "--test_after_fit=false", *quiet(in_tmp, "full"))
-    config = yaml.safe_load(Path(CONFIG).read_text())
-    config["trainer"]["callbacks"] = [{"class_path": "conftest.StopAfter", "init_args": {"epochs": 2}}]
-    stop_config = in_tmp / "stop.yaml"
-    stop_config.write_text(yaml.safe_dump(config))
-    run_cli("fit", "--config", str(stop_config), *SMALL[2:], "--test_after_fit=false", *quiet(in_tmp, "cut"))
+    stop = ["--trainer.callbacks+=conftest.StopAfter", "--trainer.callbacks.epochs=2"]
+    run_cli("fit", *SMALL, *stop, "--test_after_fit=false", *quiet(in_tmp, "cut"))
     resumed = run_cli("fit", *SMALL, "--test_after_fit=false", *quiet(in_tmp, "cut"), "--ckpt_path=last")
     a = _inr_state(Path(full.trainer.log_dir) / "checkpoints/last.ckpt")
     b = _inr_state(Path(resumed.trainer.log_dir) / "checkpoints/last.ckpt")
