@@ -16,16 +16,16 @@ skip gates are not part of the dense architecture); its non-zero count is #(W * 
 (+1 for a skip gate).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import MinLen
 from torch import Tensor, nn
 
+from constraints import Fraction, PositiveInt, Probability
 from models.mlp import mlp_layers
 
 PRUNED_LOGIT = -100.0
@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         if n_heads < 1 or d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads}).")
+            raise ValueError(f"model.net.d_model ({d_model}) must be a positive multiple of model.net.n_heads ({n_heads}).")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -307,13 +307,6 @@ class MorphoNetwork(nn.Module):
         return [p for n, p in self.named_parameters() if n.rpartition(".")[2] not in MASK_PARAMETER_NAMES]
 
 
-def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
-    widths = [int(w) for w in widths]
-    if not widths or any(w < 1 for w in widths):
-        raise ValueError(f"model.net.{name} must list at least one positive width, got {widths}.")
-    return widths
-
-
 class MorphoMLP(MorphoNetwork):
     """Flatten -> [MorphoLinear -> (BatchNorm1d) -> ReLU -> (Dropout)] per hidden width -> dense Linear output.
 
@@ -334,16 +327,15 @@ class MorphoMLP(MorphoNetwork):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (64, 32),
-        init_density: float = 0.4,
+        hidden: Annotated[Sequence[PositiveInt], MinLen(1)] = (64, 32),
+        init_density: Probability = 0.4,
         skip: bool = True,
         batch_norm: bool = False,
-        dropout: float = 0.0,
+        dropout: Fraction = 0.0,
     ) -> None:
         super().__init__()
-        widths = _check_widths("hidden", hidden)
         masked = lambda i, o: MorphoLinear(i, o, init_density=init_density, skip=skip)  # noqa: E731
-        layers = mlp_layers(math.prod(input_shape), num_classes, widths, masked, "relu", batch_norm, dropout)
+        layers = mlp_layers(math.prod(input_shape), num_classes, hidden, masked, "relu", batch_norm, dropout)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -363,21 +355,20 @@ class MorphoCNN(MorphoNetwork):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (32, 64),
-        hidden: int = 64,
-        init_density: float = 0.4,
-        kernel_size: int = 3,
+        channels: Annotated[Sequence[PositiveInt], MinLen(1)] = (32, 64),
+        hidden: PositiveInt = 64,
+        init_density: Probability = 0.4,
+        kernel_size: PositiveInt = 3,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"MorphoCNN needs image inputs (C, H, W); the datamodule gives {tuple(input_shape)}.")
         layers: list[nn.Module] = []
         in_ch = int(input_shape[0])
-        for out_ch in _check_widths("channels", channels):
+        for out_ch in channels:
             conv = MorphoConv2d(in_ch, out_ch, kernel_size, init_density=init_density)
             layers += [conv, nn.ReLU(), nn.AdaptiveAvgPool2d(4)]
             in_ch = out_ch
-        hidden = _check_widths("hidden", [hidden])[0]
         fc = MorphoLinear(in_ch * 16, hidden, init_density=init_density)
         layers += [nn.Flatten(), fc, nn.ReLU(), nn.Linear(hidden, num_classes)]
         self.layers = nn.Sequential(*layers)
@@ -420,14 +411,14 @@ class MorphoTransformer(MorphoNetwork):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        vocab_size: int | None = 30522,
-        d_model: int = 128,
-        n_heads: int = 4,
-        ff_dim: int = 128,
-        n_layers: int = 2,
-        max_len: int = 512,
-        init_density: float = 0.4,
-        dropout: float = 0.1,
+        vocab_size: PositiveInt | None = 30522,
+        d_model: PositiveInt = 128,
+        n_heads: PositiveInt = 4,
+        ff_dim: PositiveInt = 128,
+        n_layers: PositiveInt = 2,
+        max_len: PositiveInt = 512,
+        init_density: Probability = 0.4,
+        dropout: Fraction = 0.1,
     ) -> None:
         super().__init__()
         self.input_shape, self.vocab_size, self.max_len = tuple(int(s) for s in input_shape), vocab_size, max_len
@@ -437,9 +428,6 @@ class MorphoTransformer(MorphoNetwork):
                              f"got {self.input_shape}.")
         if self.input_shape[0] > max_len:
             raise ValueError(f"model.net.max_len ({max_len}) must be >= the sequence length {self.input_shape[0]}.")
-        if n_layers < 1 or ff_dim < 1 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.net needs n_layers >= 1, ff_dim >= 1, dropout in [0, 1); "
-                             f"got {n_layers}, {ff_dim}, {dropout}.")
         dense = vocab_size is None
         self.embedding = nn.Linear(self.input_shape[1], d_model) if dense else nn.Embedding(vocab_size, d_model)
         self.pos_embedding = nn.Parameter(torch.randn(max_len, d_model) * 0.02)

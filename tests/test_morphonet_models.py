@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import MLP, MorphoCNN, MorphoMLP, MorphoTransformer
+from models import MLP, ConvNet, MorphoCNN, MorphoMLP, MorphoTransformer
 from models.accounting import count_dense_equivalent, count_nonzero
 from models.morphonet import PRUNED_LOGIT, MaskedLayer, MorphoAttention, MorphoConv2d, MorphoLinear
 from models.morphonet_export import SkipLinear, export_pruned, export_summary
+from parsing import parser_refuses
 
 OFF, ON = -5.0, 5.0
 
@@ -166,6 +167,34 @@ def test_transformer_logits_are_invariant_to_padding():
 
 
 # --- networks ---------------------------------------------------------------------------------------------
+
+
+REFUSED = [  # single-field values the argument parser refuses (called from Python, the annotations check nothing)
+    (MorphoMLP, dict(hidden="[]")), (MorphoMLP, dict(hidden="[8, 0]")), (MorphoMLP, dict(init_density=1.5)),
+    (MorphoMLP, dict(dropout=1.0)), (MorphoCNN, dict(channels="[]")), (MorphoCNN, dict(hidden=0)),
+    (MorphoCNN, dict(kernel_size=0)), (MorphoCNN, dict(init_density=-0.1)), (MorphoTransformer, dict(n_layers=0)),
+    (MorphoTransformer, dict(ff_dim=0)), (MorphoTransformer, dict(dropout=1.0)), (MorphoTransformer, dict(vocab_size=0)),
+    (MorphoTransformer, dict(max_len=0)), (MLP, dict(hidden="[4, -1]")), (MLP, dict(activation="elu")),
+    (MLP, dict(dropout=-0.5)), (ConvNet, dict(channels="[0]")), (ConvNet, dict(hidden=-1)), (ConvNet, dict(dropout=1.0)),
+]
+
+
+@pytest.mark.parametrize(("cls", "bad"), REFUSED, ids=[f"{c.__name__}-{next(iter(b))}={next(iter(b.values()))}" for c, b in REFUSED])
+def test_the_parser_refuses_out_of_range_arguments(cls, bad):
+    assert parser_refuses(cls, **bad)
+
+
+def test_the_parser_accepts_in_range_arguments():
+    assert not parser_refuses(MorphoMLP, hidden="[8]", init_density=1.0, dropout=0.0)
+    assert not parser_refuses(MorphoCNN, channels="[4, 8]", hidden=3, kernel_size=5, init_density=0.0)
+    assert not parser_refuses(MorphoTransformer, vocab_size="null", n_layers=1, ff_dim=1, dropout=0.0)
+    assert not parser_refuses(MLP, hidden="[]", activation="prelu")
+    assert not parser_refuses(ConvNet, channels="[]", hidden=0)
+
+
+def test_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match="model.net.d_model .* multiple of model.net.n_heads"):
+        MorphoTransformer((6,), 2, vocab_size=20, d_model=10, n_heads=4)
 
 
 def test_parameter_hooks_match_the_plain_mlp():
