@@ -92,9 +92,11 @@ def effective(config: dict) -> dict:
     """What the run gets once train.py and the module fill in what the config leaves to them: a logger ``save_dir`` of
     ``runs`` moves to ``trainer.default_root_dir`` (train.py's _place_logger), and the following cosine schedule is
     torch's with ``T_max = trainer.max_epochs`` (lightning_modules.schedules). ``trainer.default_root_dir`` itself
-    is kept: the Trainer reads it."""
+    then goes where a logger is set: it places a run only without one (checkpoints, profiles), and the logger's
+    ``save_dir`` is compared."""
     flat = dict(flatten(config))
-    root = flat.get("trainer.default_root_dir")
+    has_logger = "trainer.logger.class_path" in flat
+    root = flat.pop("trainer.default_root_dir", None) if has_logger else flat.get("trainer.default_root_dir")
     if root and flat.get("trainer.logger.init_args.save_dir") == "runs":
         flat["trainer.logger.init_args.save_dir"] = root
     for key in [k for k, v in flat.items() if k.endswith("lr_scheduler.class_path") and v == FOLLOWING_COSINE]:
@@ -147,6 +149,12 @@ def main() -> None:
             print(f"{name}: only {'after' if name in after else 'before'}  DIFFERENT")
             different.append(name)
             continue
+        errors = [f"{side} {tree[name]['<error>']}" for side, tree in (("before", before), ("after", after))
+                  if "<error>" in tree[name]]
+        if errors:  # a config that does not resolve is never "identical", even when it fails the same way in both
+            print(f"{name}: does not resolve ({'; '.join(errors)})  DIFFERENT")
+            different.append(name)
+            continue
         a, b = flatten(before[name]), flatten(after[name])
         changed = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
         if not changed:
@@ -159,10 +167,10 @@ def main() -> None:
         for key in changed:
             print(f"    {key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
             keys[key] = keys.get(key, 0) + 1
-    count = sum(not n.startswith("suite ") for n in set(before) | set(after))
-    print(f"\n{len(set(before) | set(after))} resolved ({count} experiments and the suite "
+    n_experiments = sum(not n.startswith("suite ") for n in set(before) | set(after))
+    print(f"\n{len(set(before) | set(after))} resolved ({n_experiments} experiments and the suite "
           f"runs): {len(identical)} identical, {len(same_run)} printed differently but the same run once T_max and "
-          f"save_dir are filled in, {len(different)} different")
+          f"save_dir are filled in (and default_root_dir set aside), {len(different)} different")
     for key, count in sorted(keys.items(), key=lambda kv: -kv[1]):
         print(f"    {count:3d} x {key}")
     if different:
