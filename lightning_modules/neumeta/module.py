@@ -27,7 +27,7 @@ Safeguards (§9.4, on by default): width-aware warm start, LR warm-up, dead-unit
 ``configs/*/neumeta_faithful.yaml`` turns them off and restores the release's quirks.
 """
 
-# No ``from __future__ import annotations``: jsonargparse must see the constrained types (constraints.py).
+# Annotations are not postponed (no __future__ import): jsonargparse must see the constrained types (constraints.py).
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
