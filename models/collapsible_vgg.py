@@ -7,14 +7,15 @@ at the start), each max-pool followed by Dropout 0.2, 0.3, 0.4, 0.5, 0.5. Head: 
 ``LayerCollapse.regularize_prelus``) but are never collapsed: no conv merging exists.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
+from constraints import Fraction, PositiveInt
 from models.layercollapse import CollapsibleBlock
 
+VggDepth = Literal[11, 13, 16, 19]
 VGG_STACKS: dict[int, list[int | str]] = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -31,7 +32,7 @@ class CollapsibleVGG(nn.Module):
         depth: 11, 13, 16 or 19.
         hidden: width of the head's hidden layer (spec: 4096).
         conv_slope_init, head_slope_init: a0 of the conv and head PReLUs (spec: 0 and 0.01).
-        dropout: dropout after each of the five max-pools.
+        dropout: dropout after each of the five max-pools (five values).
         head_batch_norm: BatchNorm1d inside the head block (spec: yes).
     """
 
@@ -39,20 +40,16 @@ class CollapsibleVGG(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        depth: int = 11,
-        hidden: int = 4096,
+        depth: VggDepth = 11,
+        hidden: PositiveInt = 4096,
         conv_slope_init: float = 0.0,
         head_slope_init: float = 0.01,
-        dropout: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.5),
+        dropout: tuple[Fraction, Fraction, Fraction, Fraction, Fraction] = (0.2, 0.3, 0.4, 0.5, 0.5),
         head_batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        if depth not in VGG_STACKS:
-            raise ValueError(f"depth must be one of {sorted(VGG_STACKS)}, got {depth}.")
         if len(input_shape) != 3 or input_shape[1] % 32 or input_shape[2] % 32:
             raise ValueError(f"CollapsibleVGG needs (C, H, W) inputs with H and W multiples of 32 (five max-pools); got {tuple(input_shape)}.")
-        if len(dropout) != 5:
-            raise ValueError(f"dropout needs one value per max-pool (5), got {len(dropout)}.")
         layers: list[nn.Module] = []
         in_ch, pools = input_shape[0], 0
         for item in VGG_STACKS[depth]:

@@ -22,8 +22,6 @@ this *changes* the function and needs fine-tuning before the slope is near 1. ``
 MLP-Mixer blocks and ``models.collapsible_vgg`` is the custom CIFAR VGG.
 """
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_linear_bn_weights
+
+from constraints import Fraction, PositiveInt
 
 
 def _is_single_prelu(m: nn.Module) -> bool:
@@ -127,21 +127,17 @@ class CollapsibleMLP(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (512, 512),
+        hidden: Sequence[PositiveInt] = (512, 512),
         slope_init: float = 0.01,
-        dropout: float = 0.0,
+        dropout: Fraction = 0.0,
         batch_norm: bool = False,
-        collapsible_last: int = 1,
+        collapsible_last: PositiveInt = 1,
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
         n, c = len(hidden), int(collapsible_last)
         if not 1 <= c <= n:
-            raise ValueError(f"collapsible_last must be in [1, len(hidden)={n}], got {c}.")
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden widths must be positive, got {hidden}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+            raise ValueError(f"model.net.collapsible_last (CollapsibleMLP) must be in [1, len(hidden) = {n}], got {c}.")
         layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         width = math.prod(input_shape)
         for i, h in enumerate(hidden[: n - c]):

@@ -8,12 +8,11 @@ fc1/fc2 and replace GELU by PReLU(a0) (the function changes; fine-tune). Collaps
 Linear and ``MLP_ch`` one D x D Linear; the residuals and LayerNorms stay (LN is not affine per sample, A6.7).
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from constraints import Fraction, NonNegativeInt, PositiveInt
 from models.layercollapse import collapsible_from_mlp
 
 
@@ -55,20 +54,20 @@ class MLPMixer(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        patch_size: int = 4,
-        dim: int = 128,
-        depth: int = 4,
-        token_hidden: int = 64,
-        channel_hidden: int = 512,
-        dropout: float = 0.0,
-        collapsible_last: int = 0,
+        patch_size: PositiveInt = 4,
+        dim: PositiveInt = 128,
+        depth: PositiveInt = 4,
+        token_hidden: PositiveInt = 64,
+        channel_hidden: PositiveInt = 512,
+        dropout: Fraction = 0.0,
+        collapsible_last: NonNegativeInt = 0,
         slope_init: float = 0.01,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3 or input_shape[1] % patch_size or input_shape[2] % patch_size:
             raise ValueError(f"MLPMixer needs (C, H, W) inputs with H and W multiples of patch_size={patch_size}; got {tuple(input_shape)}.")
         if not 0 <= collapsible_last <= depth:
-            raise ValueError(f"collapsible_last must be in [0, depth={depth}], got {collapsible_last}.")
+            raise ValueError(f"model.net.collapsible_last (MLPMixer) must be in [0, depth = {depth}], got {collapsible_last}.")
         channels, height, width = input_shape
         patches = (height // patch_size) * (width // patch_size)
         self.stem = nn.Conv2d(channels, dim, patch_size, stride=patch_size)

@@ -14,6 +14,7 @@ from models import CollapsibleBlock, CollapsibleMLP, collapse_chain, collapse_se
 from models.layercollapse import collapse_blocks_, collapsible_blocks, collapsible_from_mlp, convert_vit_mlps_, rebuild_collapsed_
 from models.mixer import MLPMixer, MixerBlock, convert_mixer_block_
 from models.collapsible_vgg import CollapsibleVGG
+from parsing import parser_refuses
 
 D, H, O, N = 64, 256, 64, 512
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -267,6 +268,30 @@ def test_custom_vgg_structure_parameter_count_and_head_collapse():
     assert n_params(vgg) == conv_params + 512 * 10 + 10
     with pytest.raises(ValueError, match="multiples of 32"):
         CollapsibleVGG((1, 28, 28), 10)
+
+
+REFUSED = [  # single-field values the argument parser refuses (called from Python, the annotations check nothing)
+    (CollapsibleMLP, dict(hidden="[8, 0]")), (CollapsibleMLP, dict(dropout=1.0)), (CollapsibleMLP, dict(collapsible_last=0)),
+    (CollapsibleVGG, dict(depth=12)), (CollapsibleVGG, dict(hidden=0)), (CollapsibleVGG, dict(dropout="[0.1, 0.2]")),
+    (CollapsibleVGG, dict(dropout="[0.1, 0.2, 0.3, 0.4, 1.0]")), (MLPMixer, dict(patch_size=0)), (MLPMixer, dict(depth=0)),
+    (MLPMixer, dict(dim=0)), (MLPMixer, dict(token_hidden=0)), (MLPMixer, dict(channel_hidden=0)),
+    (MLPMixer, dict(dropout=-0.1)), (MLPMixer, dict(collapsible_last=-1)),
+]
+
+
+@pytest.mark.parametrize(("cls", "bad"), REFUSED, ids=[f"{c.__name__}-{next(iter(b))}={next(iter(b.values()))}" for c, b in REFUSED])
+def test_the_parser_refuses_out_of_range_arguments(cls, bad):
+    assert parser_refuses(cls, **bad)
+
+
+def test_the_parser_accepts_in_range_arguments_and_the_constructors_check_the_relations():
+    assert not parser_refuses(CollapsibleMLP, hidden="[8]", dropout=0.0, collapsible_last=1)
+    assert not parser_refuses(CollapsibleVGG, depth=19, dropout="[0, 0, 0, 0, 0.5]")
+    assert not parser_refuses(MLPMixer, collapsible_last=0, dropout=0.0)
+    with pytest.raises(ValueError, match=r"model.net.collapsible_last \(CollapsibleMLP\) must be in \[1, len\(hidden\) = 2\]"):
+        CollapsibleMLP((4,), 3, hidden=(8, 8), collapsible_last=3)
+    with pytest.raises(ValueError, match=r"model.net.collapsible_last \(MLPMixer\) must be in \[0, depth = 2\]"):
+        MLPMixer((1, 8, 8), 3, depth=2, collapsible_last=3)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
