@@ -1,18 +1,14 @@
 """LayerCollapse callbacks: collapse blocks during training, and the progressive top-down driver (spec A4)."""
 
-from __future__ import annotations
 
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.controls import CollapseStage, controls_of
 from callbacks.schedules import is_last_batch
-
-
-def _require_layercollapse(pl_module: LightningModule, who: str) -> None:
-    if not hasattr(pl_module, "collapse_in_place"):
-        raise ValueError(f"{who} needs model.class_path lightning_modules.LayerCollapse, got {type(pl_module).__name__}.")
+from constraints import PositiveInt
 
 
 class CollapseBlocks(Callback):
@@ -25,13 +21,11 @@ class CollapseBlocks(Callback):
     fit end (after its last checkpoint).
     """
 
-    def __init__(self, every_n_epochs: int | None = None) -> None:
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"CollapseBlocks.every_n_epochs must be >= 1 or null, got {every_n_epochs}.")
+    def __init__(self, every_n_epochs: PositiveInt | None = None) -> None:
         self.every_n_epochs = every_n_epochs
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _require_layercollapse(pl_module, "CollapseBlocks")
+        controls_of(pl_module, CollapseStage, "callbacks.CollapseBlocks")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not is_last_batch(trainer, batch_idx):
@@ -62,15 +56,13 @@ class ProgressiveCollapse(Callback):
     training) and a block outside its stage is simply not regularised.
     """
 
-    def __init__(self, epochs_per_block: int = 3) -> None:
-        if epochs_per_block < 1:
-            raise ValueError(f"ProgressiveCollapse.epochs_per_block must be >= 1, got {epochs_per_block}.")
+    def __init__(self, epochs_per_block: PositiveInt = 3) -> None:
         self.epochs_per_block = epochs_per_block
         self.order: list[str] = []
         self.skipped: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _require_layercollapse(pl_module, "ProgressiveCollapse")
+        controls_of(pl_module, CollapseStage, "callbacks.ProgressiveCollapse")
 
     def current(self, epoch: int) -> str | None:
         stage = epoch // self.epochs_per_block
@@ -79,7 +71,7 @@ class ProgressiveCollapse(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.order = list(reversed(pl_module.selected_block_names()))  # fixed: collapsed names stay listed
         block = self.current(trainer.current_epoch)
-        pl_module.active_blocks = [block] if block is not None else []
+        pl_module.controls.active_blocks = [block] if block is not None else []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         epoch = trainer.current_epoch

@@ -5,7 +5,6 @@ TensorBoard gets one image per masked layer every ``every_n_epochs`` (white = co
 written next to the run.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
+from callbacks.controls import MaskSchedule, controls_of  # noqa: E402
 from callbacks.schedules import is_last_batch  # noqa: E402
+from constraints import PositiveInt  # noqa: E402
 
 
 def mask_image(layer: torch.nn.Module) -> torch.Tensor:
@@ -33,11 +34,12 @@ class ConnectivityImages(Callback):
         every_n_epochs: how often the images go to TensorBoard.
     """
 
-    def __init__(self, every_n_epochs: int = 10) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"ConnectivityImages.every_n_epochs must be >= 1, got {every_n_epochs}.")
+    def __init__(self, every_n_epochs: PositiveInt = 10) -> None:
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, Any]] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        controls_of(pl_module, MaskSchedule, "callbacks.ConnectivityImages")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not is_last_batch(trainer, batch_idx):  # recorded before the epoch's checkpoint (see is_last_batch)

@@ -1,12 +1,14 @@
 """Progressive hard pruning of learned masks during training."""
 
-from __future__ import annotations
 
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from callbacks.controls import MaskSchedule, controls_of
 from callbacks.schedules import is_last_batch
+from callbacks.sparsity import SparsityScheduler
+from constraints import OpenFraction, PositiveInt, Probability
 
 
 class ProgressivePruning(Callback):
@@ -29,13 +31,16 @@ class ProgressivePruning(Callback):
         to_target: also prune down to the scheduled target density (needs a SparsityScheduler).
     """
 
-    def __init__(self, start: float = 0.5, every: int = 10, threshold: float = 0.2, to_target: bool = False) -> None:
-        if not 0.0 <= start <= 1.0 or every < 1 or not 0.0 < threshold < 1.0:
-            raise ValueError(
-                f"ProgressivePruning needs start in [0, 1], every >= 1 and threshold in (0, 1); got {start}, {every}, {threshold}."
-            )
+    def __init__(self, start: Probability = 0.5, every: PositiveInt = 10, threshold: OpenFraction = 0.2,
+                 to_target: bool = False) -> None:
         self.start, self.every, self.threshold, self.to_target = start, every, threshold, to_target
         self.events: list[tuple[int, int]] = []  # (epoch, connections pruned)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        controls_of(pl_module, MaskSchedule, "callbacks.ProgressivePruning")
+        if self.to_target and stage == "fit" and not any(isinstance(c, SparsityScheduler) for c in trainer.callbacks):
+            raise ValueError("callbacks.ProgressivePruning to_target: true prunes to the target of a "
+                             "callbacks.SparsityScheduler; add one to trainer.callbacks or set to_target: false.")
 
     def should_prune(self, epoch: int, max_epochs: int) -> bool:
         done = epoch + 1
@@ -44,7 +49,7 @@ class ProgressivePruning(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if is_last_batch(trainer, batch_idx) and self.should_prune(trainer.current_epoch, trainer.max_epochs or 1):
             pruned = int(pl_module.net.prune_(self.threshold))
-            target = getattr(pl_module, "target_density", None)
+            target = pl_module.controls.target_density
             if self.to_target and target is not None:
                 pruned += int(pl_module.net.prune_to_density_(target))
             self.events.append((trainer.current_epoch, pruned))

@@ -1,12 +1,13 @@
 """Temperature annealing of learned masks ``sigmoid(M / T)``."""
 
-from __future__ import annotations
 
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from callbacks.controls import MaskSchedule, controls_of
 from callbacks.schedules import interpolate, progress_in_epochs, ramp
+from constraints import NonNegativeFloat, PositiveFloat, UnitFraction
 
 
 class TemperatureAnnealing(Callback):
@@ -28,21 +29,13 @@ class TemperatureAnnealing(Callback):
 
     def __init__(
         self,
-        start: float = 2.0,
-        end: float = 0.5,
+        start: PositiveFloat = 2.0,
+        end: PositiveFloat = 0.5,
         schedule: Literal["linear", "exponential"] = "linear",
         interval: Literal["step", "epoch"] = "epoch",
-        warmup_epochs: float = 0.0,
-        until: float = 1.0,
+        warmup_epochs: NonNegativeFloat = 0.0,
+        until: UnitFraction = 1.0,
     ) -> None:
-        if start <= 0 or end <= 0:
-            raise ValueError(f"TemperatureAnnealing.start and .end must be > 0 (temperatures), got start={start}, end={end}.")
-        if schedule not in ("linear", "exponential"):
-            raise ValueError(f"TemperatureAnnealing.schedule must be linear or exponential; got {schedule!r}.")
-        if interval not in ("step", "epoch"):
-            raise ValueError(f"TemperatureAnnealing.interval must be step or epoch; got {interval!r}.")
-        if not 0.0 < until <= 1.0 or warmup_epochs < 0:
-            raise ValueError(f"TemperatureAnnealing needs 0 < until <= 1 and warmup_epochs >= 0; got {until}, {warmup_epochs}.")
         self.start, self.end, self.schedule, self.interval = start, end, schedule, interval
         self.warmup_epochs, self.until = warmup_epochs, until
         self.current = start
@@ -51,6 +44,9 @@ class TemperatureAnnealing(Callback):
         epochs = progress_in_epochs(trainer, batch_idx if self.interval == "step" else None)
         p = ramp(epochs, self.warmup_epochs, self.until * (trainer.max_epochs or 1))
         return interpolate(self.start, self.end, p, self.schedule)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        controls_of(pl_module, MaskSchedule, "callbacks.TemperatureAnnealing")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.current = self.temperature(trainer, batch_idx)

@@ -13,8 +13,6 @@ before the weights load, so ``test --ckpt_path`` and resume work; the optimizer 
 and takes the new Linear's in the order a fresh ``configure_optimizers`` would give (exact resume).
 """
 
-from __future__ import annotations
-
 import copy
 import re
 from collections.abc import Sequence
@@ -26,6 +24,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from callbacks.controls import CollapseStage
+from constraints import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.distributed import rewrap_after_structure_change
 from models.layercollapse import CollapsibleBlock, collapse_blocks_, collapsible_blocks, rebuild_collapsed_
@@ -56,29 +56,21 @@ class LayerCollapse(ClassificationModule):
         net: NetworkFactory,
         input_shape: Sequence[int],
         num_classes: int,
-        lc_weight: float = 0.5,
-        lc_warmup_epochs: int = 0,
-        last_k_blocks: int | None = None,
+        lc_weight: NonNegativeFloat = 0.5,
+        lc_warmup_epochs: NonNegativeInt = 0,
+        last_k_blocks: PositiveInt | None = None,
         block_names: list[str] | None = None,
         regularize_prelus: list[str] | None = None,
-        collapse_threshold: float = 0.05,
-        slope_lr: float | None = None,
+        collapse_threshold: OpenFraction = 0.05,
+        slope_lr: PositiveFloat | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if lc_weight < 0:
-            raise ValueError(f"model.lc_weight (lambda) must be >= 0, got {lc_weight}.")
-        if lc_warmup_epochs < 0 or (last_k_blocks is not None and last_k_blocks < 1):
-            raise ValueError(f"model.lc_warmup_epochs must be >= 0 and model.last_k_blocks >= 1; got {lc_warmup_epochs}, {last_k_blocks}.")
-        if not 0.0 < collapse_threshold < 1.0:
-            raise ValueError(f"model.collapse_threshold must be in (0, 1), got {collapse_threshold}.")
-        if slope_lr is not None and slope_lr <= 0:
-            raise ValueError(f"model.slope_lr must be > 0 (or null), got {slope_lr}.")
         super().__init__(net, input_shape, num_classes, optimizer, lr_scheduler)
         self.lc_weight, self.lc_warmup_epochs, self.collapse_threshold = lc_weight, lc_warmup_epochs, collapse_threshold
         self.last_k_blocks, self.block_names, self.slope_lr = last_k_blocks, block_names, slope_lr
         self.collapsed_blocks: list[str] = []  # collapsed in place during training, in order
-        self.active_blocks: list[str] | None = None  # set by ProgressiveCollapse: regularise only these
+        self.controls = CollapseStage()  # ProgressiveCollapse sets the blocks regularised now
         self._selected_names: list[str] | None = None  # cache: the selection is fixed; regularization() runs every step
         if not self.selected_block_names():
             raise ValueError("model.net has no CollapsibleBlock matching last_k_blocks/block_names; nothing to collapse.")
@@ -116,8 +108,9 @@ class LayerCollapse(ClassificationModule):
     def regularized_slopes(self) -> dict[str, Tensor]:
         """Slope parameters in the penalty now: the selected (or, progressively, active) blocks and the extra PReLUs."""
         blocks = self.selected_blocks()
-        if self.active_blocks is not None:
-            blocks = {n: b for n, b in blocks.items() if n in self.active_blocks}
+        active = self.controls.active_blocks
+        if active is not None:
+            blocks = {n: b for n, b in blocks.items() if n in active}
         slopes = {n: b.act.weight for n, b in blocks.items()}
         slopes.update({n: m.weight for n, m in self.extra_prelus.items()})
         return slopes

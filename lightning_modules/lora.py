@@ -5,8 +5,6 @@ weights (``merge_and_unload``), so the exported model has the base architecture:
 FLOPs and bytes describe, and ``dense_equivalent`` is its parameter count.
 """
 
-from __future__ import annotations
-
 import copy
 import re
 from collections.abc import Sequence
@@ -16,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from constraints import Fraction, PositiveFloat, PositiveInt
 from lightning_modules.base import ClassificationModule, NetworkFactory
 
 
@@ -50,9 +49,9 @@ class LoRA(ClassificationModule):
         net: NetworkFactory,
         input_shape: Sequence[int],
         num_classes: int,
-        r: int = 4,
-        alpha: float = 4.0,
-        dropout: float = 0.0,
+        r: PositiveInt = 4,
+        alpha: PositiveFloat = 4.0,
+        dropout: Fraction = 0.0,
         target_modules: list[str] | str = "all-linear",
         modules_to_save: list[str] | None = None,
         layers_to_transform: list[int] | None = None,
@@ -60,10 +59,6 @@ class LoRA(ClassificationModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if r < 1:
-            raise ValueError(f"model.r (LoRA rank) must be >= 1, got {r}.")
-        if alpha <= 0:
-            raise ValueError(f"model.alpha must be > 0, got {alpha}.")
         self.lora_config = LoraConfig(
             r=r,
             lora_alpha=alpha,

@@ -23,8 +23,6 @@ Evaluation (``eval_mask``): ``soft`` (parity: the soft-masked model, as upstream
 units removed (``models.morphonet_export.export_pruned``) - the physically smaller model that is deployed.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +30,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from callbacks.controls import MaskSchedule
+from callbacks.sparsity import SparsityScheduler
 from lightning_modules.base import ClassificationModule, NetworkFactory
+from constraints import Fraction, NonNegativeFloat, PositiveFloat
+from models.morphonet import MorphoNetwork
 from models.morphonet_export import export_pruned, export_summary
 from models.plain_export import save_exported
 
@@ -60,41 +62,38 @@ class MorphoNet(ClassificationModule):
         input_shape: Sequence[int],
         num_classes: int,
         mode: Literal["parity", "intended"] = "parity",
-        weight_lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        mask_lr: float = 0.02,
-        grad_clip: float = 5.0,
-        sparsity_weight: float | None = None,
-        final_prune_threshold: float = 0.2,
+        weight_lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.01,
+        mask_lr: PositiveFloat = 0.02,
+        grad_clip: NonNegativeFloat = 5.0,
+        sparsity_weight: NonNegativeFloat | None = None,
+        final_prune_threshold: Fraction = 0.2,
         eval_mask: Literal["soft", "hard", "exported"] | None = None,
     ) -> None:
-        if mode not in ("parity", "intended"):
-            raise ValueError(f"model.mode must be parity or intended; got {mode!r}.")
-        if eval_mask not in (None, "soft", "hard", "exported"):
-            raise ValueError(f"model.eval_mask must be one of soft, hard, exported; got {eval_mask!r}.")
-        for name, value in (("weight_lr", weight_lr), ("mask_lr", mask_lr)):
-            if value <= 0:
-                raise ValueError(f"model.{name} must be > 0, got {value}.")
-        if sparsity_weight is not None and sparsity_weight < 0:
-            raise ValueError(f"model.sparsity_weight (lambda) must be >= 0, got {sparsity_weight}.")
-        if not 0.0 <= final_prune_threshold < 1.0:
-            raise ValueError(f"model.final_prune_threshold must be in [0, 1), got {final_prune_threshold}.")
         super().__init__(net, input_shape, num_classes)  # the two optimisers are built in configure_optimizers
+        if not isinstance(self.net, MorphoNetwork):
+            raise ValueError(f"lightning_modules.MorphoNet trains a masked network: model.net must be models.MorphoMLP, "
+                             f"MorphoCNN or MorphoTransformer, got {type(self.net).__name__}.")
         self.automatic_optimization = False
         self.mode = mode
         self.weight_lr, self.weight_decay, self.mask_lr, self.grad_clip = weight_lr, weight_decay, mask_lr, grad_clip
         self.sparsity_weight = sparsity_weight if sparsity_weight is not None else (0.002 if mode == "parity" else 0.05)
         self.final_prune_threshold = final_prune_threshold
         self.eval_mask = eval_mask or ("soft" if mode == "parity" else "exported")
-        # set by SparsityScheduler (intended mode); None means "no target": the parity penalty applies
-        self.target_density: float | None = None
-        self.masks_frozen = False
+        self.controls = MaskSchedule()  # SparsityScheduler sets the target density and the warm-up freeze
         self.density_at_start: float | None = None
         self._exported: nn.Module | None = None
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.mode == "intended" and not any(isinstance(c, SparsityScheduler) for c in self.trainer.callbacks):
+            raise ValueError("model.mode intended pulls the masks toward a scheduled target density: add "
+                             "callbacks.SparsityScheduler to trainer.callbacks (or use mode: parity).")
+
     # --- loss -----------------------------------------------------------------------------------------------
     def regularization(self) -> Tensor:
-        if self.mode == "parity" or self.target_density is None:
+        target = self.controls.target_density
+        if self.mode == "parity" or target is None:
             return self.sparsity_weight * self.net.mask_penalty()
         # Straight-through density: the value is the hard density (what is exported), the gradient the soft
         # one's. A penalty on the soft density alone is met by shrinking logits toward 0 instead of switching
@@ -106,7 +105,7 @@ class MorphoNet(ClassificationModule):
             on = on + weights * (soft + (layer.hard_mask() - soft).detach()).sum()
             total += weights * soft.numel()
         density = on / total
-        return self.sparsity_weight * total * (density - self.target_density) ** 2
+        return self.sparsity_weight * total * (density - target) ** 2
 
     # --- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -124,7 +123,7 @@ class MorphoNet(ClassificationModule):
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.grad_clip)
         weights.step()
-        if not self.masks_frozen:
+        if not self.controls.masks_frozen:
             masks.step()
         return loss
 

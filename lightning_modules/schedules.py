@@ -1,6 +1,5 @@
 """Learning-rate schedules that follow the run: their length is the trainer's, not a second number in the config."""
 
-from __future__ import annotations
 
 import torch
 from constraints import PositiveInt

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from parsing import parser_refuses
 from conftest import ROOT, quiet, run_cli, summary
 from models.layercollapse import collapsible_blocks
 from lightning_modules import LayerCollapse
@@ -68,8 +69,7 @@ def test_collapsed_structure_is_rebuilt_from_the_checkpoint():
 
 
 def test_bad_lambda_is_refused():
-    with pytest.raises(ValueError, match="lc_weight"):
-        LayerCollapse(net=lambda s, c: CollapsibleMLP(s, c), input_shape=(4,), num_classes=3, lc_weight=-1.0)
+    assert parser_refuses(LayerCollapse, lc_weight=-1.0) and not parser_refuses(LayerCollapse, lc_weight=1.0)
 
 
 def progressive(tmp: Path, stop_after: int | None = None) -> list[str]:
@@ -102,7 +102,7 @@ def test_progressive_collapse_goes_top_down_and_resumes_exactly(in_tmp):
     # block1 was regularised alone in epochs 0-1 and collapsed, then block0 in epochs 2-3; epoch 4 fine-tunes
     assert module.collapsed_blocks == ["layers.block1", "layers.block0"]
     assert isinstance(module.net.layers.block0, torch.nn.Linear) and not collapsible_blocks(module.net)
-    assert module.active_blocks == [] and module.regularization() is None
+    assert module.controls.active_blocks == [] and module.regularization() is None
     # the optimizer trains the merged Linears and nothing else
     params = {id(p) for g in straight.trainer.optimizers[0].param_groups for p in g["params"]}
     assert params == {id(p) for p in module.net.parameters()}
@@ -131,7 +131,7 @@ def test_regulariser_sees_only_the_active_block():
     module = LayerCollapse(net=lambda s, c: CollapsibleMLP(s, c, hidden=[8, 16, 16], collapsible_last=2), input_shape=(4,), num_classes=3,
                            lc_weight=1.0)
     assert module.selected_block_names() == ["layers.block0", "layers.block1"]
-    module.active_blocks = ["layers.block1"]
+    module.controls.active_blocks = ["layers.block1"]
     assert list(module.regularized_slopes()) == ["layers.block1"]
     assert module.regularization().item() == pytest.approx((0.01 - 1) ** 2)
     last = LayerCollapse(net=lambda s, c: CollapsibleMLP(s, c, hidden=[8, 16, 16], collapsible_last=2), input_shape=(4,),

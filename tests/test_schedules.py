@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from callbacks import ProgressivePruning, SparsityScheduler, TemperatureAnnealing
+from callbacks.controls import MaskSchedule
 from callbacks.schedules import interpolate, ramp
+from parsing import parser_refuses
 
 
 def trainer_at(epoch: int, max_epochs: int = 100, batches: int = 10):
@@ -46,22 +48,23 @@ def test_intended_temperature_holds_through_warmup_then_anneals_per_step_until_t
 
 @pytest.mark.parametrize("kwargs", [{"start": 0.0}, {"end": -1.0}, {"interval": "batch"}, {"until": 0.0}])
 def test_bad_temperatures_are_refused(kwargs):
-    with pytest.raises(ValueError):
-        TemperatureAnnealing(**kwargs)
+    assert parser_refuses(TemperatureAnnealing, **kwargs)
+    assert not parser_refuses(TemperatureAnnealing, start=1.0, until=0.5)
 
 
 def test_sparsity_target_follows_the_schedule_and_freezes_masks_in_warmup():
     scheduler = SparsityScheduler(target=0.7, schedule="cosine", initial=0.6, warmup_epochs=10, until=0.75)
-    module = SimpleNamespace(masks_frozen=False, target_density=None)
+    module = SimpleNamespace(controls=MaskSchedule())
+    schedule = module.controls
     scheduler.on_train_batch_start(trainer_at(5), module, None, 0)
-    assert module.masks_frozen and module.target_density is None
+    assert schedule.masks_frozen and schedule.target_density is None
     scheduler.on_train_batch_start(trainer_at(10), module, None, 0)
-    assert not module.masks_frozen and module.target_density == pytest.approx(1 - 0.6)
+    assert not schedule.masks_frozen and schedule.target_density == pytest.approx(1 - 0.6)
     scheduler.on_train_batch_start(trainer_at(42, batches=10), module, None, 5)
     p = (42.5 - 10) / 65
-    assert module.target_density == pytest.approx(1 - (0.6 + 0.1 * (1 - math.cos(math.pi * p)) / 2))
+    assert schedule.target_density == pytest.approx(1 - (0.6 + 0.1 * (1 - math.cos(math.pi * p)) / 2))
     scheduler.on_train_batch_start(trainer_at(90), module, None, 0)
-    assert module.target_density == pytest.approx(0.3)
+    assert schedule.target_density == pytest.approx(0.3)
     restored = SparsityScheduler()
     restored.load_state_dict(scheduler.state_dict())
     assert restored.initial == 0.6 and restored.current == pytest.approx(0.7)
@@ -69,13 +72,11 @@ def test_sparsity_target_follows_the_schedule_and_freezes_masks_in_warmup():
 
 @pytest.mark.parametrize("kwargs", [{"target": 1.0}, {"target": -0.1}, {"initial": 1.5}, {"schedule": "step"}])
 def test_bad_sparsity_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
-        SparsityScheduler(**kwargs)
+    assert parser_refuses(SparsityScheduler, **kwargs)
 
 
 def test_progressive_pruning_epochs_follow_v1():
     pruning = ProgressivePruning(start=0.5, every=10, threshold=0.2)
     epochs = [e for e in range(100) if pruning.should_prune(e, 100)]
     assert epochs == [59, 69, 79, 89, 99]  # after epochs 60, 70, ..., 100
-    with pytest.raises(ValueError):
-        ProgressivePruning(threshold=1.0)
+    assert parser_refuses(ProgressivePruning, threshold=1.0) and parser_refuses(ProgressivePruning, every=0)
