@@ -5,8 +5,6 @@ datamodule stops with one sentence naming the file to place. ``synthetic=True`` 
 images of the same shape for tests; its name says ``synthetic`` so no result can pass for CIFAR.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from datamodules.vision import VisionDataModule
+from constraints import PositiveInt
 
 
 class CIFAR10DataModule(VisionDataModule):
@@ -33,7 +32,7 @@ class CIFAR10DataModule(VisionDataModule):
     dataset_mean = (0.4914, 0.4822, 0.4465)
     dataset_std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, synthetic: bool = False, synthetic_size: int = 512, **kwargs) -> None:
+    def __init__(self, synthetic: bool = False, synthetic_size: PositiveInt = 512, **kwargs) -> None:
         super().__init__(**kwargs)
         self.synthetic, self.synthetic_size = synthetic, synthetic_size
         if synthetic:

@@ -9,8 +9,6 @@
   Results then say ``mnist5k``: it is not MNIST's official split and numbers are not comparable with it.
 """
 
-from __future__ import annotations
-
 import gzip
 import struct
 from importlib.util import find_spec
@@ -80,8 +78,6 @@ class MNISTDataModule(VisionDataModule):
     dataset_std = (0.3081,)
 
     def __init__(self, source: Literal["auto", "mnist", "mnist5k"] = "auto", **kwargs) -> None:
-        if source not in ("auto", "mnist", "mnist5k"):
-            raise ValueError(f"data.source must be one of auto, mnist, mnist5k; got {source!r}.")
         super().__init__(**kwargs)
         self.requested_source = source
         self._torchvision_root = Path(self.root)

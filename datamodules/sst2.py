@@ -15,15 +15,15 @@ Everything is tokenised once in ``setup``. Every sentence has a ``uid`` (its row
 splits); batches are ``({"input_ids", "attention_mask", "uid"}, labels)`` trimmed to the batch's longest sentence.
 """
 
-from __future__ import annotations
-
 import subprocess
 import sys
 import tarfile
 import tempfile
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from annotated_types import Ge
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.tensor_data import EpochBatchSampler, TensorDataModule, stratified_split
 from encoders import hub_reachable, resolve_encoder
+from constraints import PositiveInt
 from seeding import global_seed
 
-SOURCES = ("auto", "glue", "rt-snippets")
 VADER_SDIST = "vaderSentiment==3.3.2"
 RT_FILE = "movieReviewSnippets_GroundTruth.txt"
 RT_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"  # inside the sdist's top folder
@@ -119,19 +119,13 @@ class SST2DataModule(TensorDataModule):
     def __init__(
         self,
         source: Literal["auto", "glue", "rt-snippets"] = "auto",
-        train_size: int | None = 1000,
+        train_size: PositiveInt | None = 1000,
         subset_seed: int = 0,
         encoder: str = "auto",
-        max_length: int = 64,
-        batch_size: int = 32,
+        max_length: Annotated[int, Ge(3)] = 64,  # [CLS], a token, [SEP]
+        batch_size: PositiveInt = 32,
         **kwargs,
     ) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {source!r}.")
-        if train_size is not None and train_size < 1:
-            raise ValueError(f"data.train_size must be None (whole pool) or a positive integer; got {train_size!r}.")
-        if max_length < 3:
-            raise ValueError(f"data.max_length must be an integer >= 3 ([CLS], a token, [SEP]); got {max_length!r}.")
         super().__init__(batch_size=batch_size, **kwargs)
         self.requested_source, self.train_size, self.subset_seed = source, train_size, subset_seed
         self.encoder, self.max_length, self.input_shape = encoder, max_length, (max_length,)

@@ -9,8 +9,6 @@ All: 80/20 train/test split with ``random_state=42`` (the MorphoNet protocol, sp
 the validation split is carved from the training part as for every datamodule.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import torch
@@ -20,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from datamodules.tensor_data import TensorDataModule
+from constraints import OpenFraction, PositiveInt
 
 TabularName = Literal["moons", "blobs5c", "digits", "iris", "wine", "breast_cancer"]
 
@@ -56,18 +55,12 @@ class TabularDataModule(TensorDataModule):
     def __init__(
         self,
         dataset: TabularName = "moons",
-        test_fraction: float = 0.2,
+        test_fraction: OpenFraction = 0.2,
         split_random_state: int = 42,
         scaler_fit: Literal["train", "all"] = "train",
-        batch_size: int = 64,
+        batch_size: PositiveInt = 64,
         **kwargs,
     ) -> None:
-        if dataset not in TABLES:
-            raise ValueError(f"data.dataset must be one of {', '.join(TABLES)}; got {dataset!r}.")
-        if scaler_fit not in ("train", "all"):
-            raise ValueError(f"data.scaler_fit must be train or all; got {scaler_fit!r}.")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}.")
         super().__init__(batch_size=batch_size, **kwargs)
         self.name = dataset
         _, features, self.num_classes = TABLES[dataset]

@@ -9,8 +9,6 @@ same batches as an uninterrupted one. Lightning calls ``set_epoch`` on the sampl
 ``lightning_modules/distributed.py``), so a run on W processes trains on the batches of the run on one.
 """
 
-from __future__ import annotations
-
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -20,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from constraints import OpenFraction, PositiveInt
 from seeding import global_seed, sample_keys, stream_seed
 
 
@@ -117,17 +116,13 @@ class TensorDataModule(LightningDataModule, ABC):
     def __init__(
         self,
         root: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 1024,
-        val_fraction: float = 0.1,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 1024,
+        val_fraction: OpenFraction = 0.1,
         split_seed: int = 0,
         shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}.")
         self.save_hyperparameters()
         self.root = root
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

@@ -1,7 +1,5 @@
 """Shared part of the image datamodules: uint8 NCHW tensors, per-batch float conversion and normalisation."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 import torch
@@ -9,6 +7,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from datamodules.tensor_data import TensorDataModule
+from constraints import Degrees, PositiveInt
 
 Normalization = Literal["half", "dataset", "none"]
 
@@ -35,15 +34,11 @@ class VisionDataModule(TensorDataModule):
         self,
         normalization: Normalization = "half",
         augment: bool = False,
-        crop_size: int | None = None,
-        rotation: float = 0.0,
+        crop_size: PositiveInt | None = None,
+        rotation: Degrees = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if normalization not in ("half", "dataset", "none"):
-            raise ValueError(f"data.normalization must be one of half, dataset, none; got {normalization!r}.")
-        if crop_size is not None and crop_size < 1 or not 0.0 <= rotation <= 180.0:
-            raise ValueError(f"data.crop_size must be >= 1 (or null) and data.rotation in [0, 180]; got {crop_size}, {rotation}.")
         self.normalization, self.augment = normalization, augment
         channels = self.input_shape[0]
         mean, std = {"half": ((0.5,), (0.5,)), "dataset": (self.dataset_mean, self.dataset_std), "none": ((0.0,), (1.0,))}[

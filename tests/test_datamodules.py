@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from parsing import parser_refuses
 import torch
 import torchvision
 
@@ -136,8 +137,7 @@ def test_lrunet_pipeline_crops_28_to_32_and_rotates_for_training_only():
     assert dm.batch_transform(x, train=False).shape == (8, 3, 32, 32)
     names = [type(t).__name__ for t in dm._augment.transforms]
     assert names == ["RandomCrop", "RandomRotation", "RandomHorizontalFlip"]
-    with pytest.raises(ValueError, match="rotation"):
-        CIFAR10DataModule(synthetic=True, rotation=-1)
+    assert parser_refuses(CIFAR10DataModule, rotation=-1) and parser_refuses(CIFAR10DataModule, rotation=181)
 
 
 @pytest.mark.parametrize(
