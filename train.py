@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (short class names in YAML)
+from cli_errors import INTERRUPTED, USER_ERRORS, OneLineParser, one_line
 from callbacks import BestAndLastCheckpoint
 from lightning_modules import ClassificationModule
 
@@ -167,6 +168,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        parser_class=OneLineParser,  # a refused argument: one line naming the key (cli_errors)
         save_config_kwargs={"overwrite": True},
         # the logger: named after the first --config, under trainer.default_root_dir (LOGGER_DEFAULT, run_name);
         # GlobalBatchLayers: under DDP, BatchNorm and Dropout act on the global batch (lightning_modules/distributed.py)
@@ -199,23 +201,9 @@ def check_checkpoint(path: str) -> dict:
         ) from None
 
 
-# Errors of configuration and input: their message is the whole story (MORPHLAB_TRACEBACK=1 shows the traceback).
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
-
-# jsonargparse wraps an error raised while instantiating a class given as a union (callbacks) in a list of every
-# type it tried; the specific line is the one that is not about types.
-GENERIC_LINES = ("Not a valid subclass", "Expected a", "Subclass types expect", "a class path", "a dict ")
-
-
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    specific = [line[2:] for line in lines[1:] if line.startswith("- ") and not line[2:].startswith(GENERIC_LINES)]
-    return specific[0] if specific else (lines[0] if lines else type(error).__name__)
-
-
 def cli(args: list[str] | None = None) -> None:
-    """The command line: ``main``, but a user error ends with one line on stderr and exit status 2."""
+    """The command line: ``main``, ending in one line and exit status 2 for a user error, 130 for Ctrl-C
+    (``cli_errors``)."""
     try:
         main(args)
     except USER_ERRORS as error:
@@ -223,6 +211,14 @@ def cli(args: list[str] | None = None) -> None:
             raise
         print(f"train.py: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except SystemExit as done:  # Lightning ends a fit interrupted by Ctrl-C with sys.exit(1)
+        if isinstance(done.__context__, KeyboardInterrupt):
+            print("train.py: interrupted", file=sys.stderr)
+            raise SystemExit(INTERRUPTED) from None
+        raise
 
 
 if __name__ == "__main__":
