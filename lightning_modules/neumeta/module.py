@@ -214,8 +214,9 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         net.load_state_dict(self.generated_parameters(self.deploy_width, self.test_samples), strict=False)
         return net.requires_grad_(False).eval()
 
-    def stored_parameters(self) -> list[nn.Parameter]:
-        """What a NeuMeta model stores to produce every width: the INR and the target's fixed (non-generated) part."""
+    def counted_parameters(self) -> list[nn.Parameter]:
+        """What a NeuMeta model stores to produce every width: the INR (trainable) and the target's fixed,
+        non-generated part (frozen); the generated tensors are not counted."""
         generated = set(self.net.layout.tensors(self.full_width))
         fixed = [p for name, p in self.net.named_parameters() if name not in generated]
         return [*self.inr.parameters(), *fixed]
@@ -291,13 +292,6 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         if self.net.has_batchnorm and not any(k.startswith("net.") and ".running_mean" in k for k in state):
             fold_batchnorm_(self.net)  # the checkpoint holds the folded target: match its keys
         self._params_cache.clear()
-
-    def accounting(self, deployed: nn.Module | None = None) -> dict[str, Any]:
-        facts = super().accounting(deployed)
-        stored = self.stored_parameters()
-        facts["params"]["total"] = sum(p.numel() for p in stored)
-        facts["params"]["trainable"] = sum(p.numel() for p in self.inr.parameters())
-        return facts
 
     def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {
