@@ -7,12 +7,14 @@ trained with the head, or loaded from a Baseline run's checkpoint and frozen (it
 mode, running statistics included).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import torch
+from annotated_types import MinLen
 from torch import Tensor, nn
+
+from constraints import PositiveInt
 
 
 class ConvBackbone(nn.Sequential):
@@ -54,7 +56,7 @@ class BackboneClassifier(nn.Module):
         input_shape: Sequence[int],
         num_classes: int,
         head: Callable[[Sequence[int], int], nn.Module],
-        channels: Sequence[int] = (32, 64, 128),
+        channels: Annotated[Sequence[PositiveInt], MinLen(1)] = (32, 64, 128),
         freeze_backbone: bool = False,
         backbone_checkpoint: str | None = None,
     ) -> None:
@@ -68,7 +70,7 @@ class BackboneClassifier(nn.Module):
         shrink = 2 ** (len(channels) - 1)
         self.head = head((channels[-1], height // shrink, width // shrink), num_classes)
 
-    def train(self, mode: bool = True) -> BackboneClassifier:
+    def train(self, mode: bool = True) -> "BackboneClassifier":
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()

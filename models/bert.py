@@ -8,8 +8,6 @@ once per sentence (keyed by the datamodule's ``uid``) and reused every epoch. On
 hours per epoch into minutes (shared/DATA.md); cached and uncached logits agree to float precision (tested).
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -18,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
+from constraints import NonNegativeInt
 from encoders import TINYBERT_DIMS, resolve_encoder
 
 Batch = dict[str, Tensor]
@@ -57,7 +56,7 @@ class BertClassifier(nn.Module):
         input_shape: Sequence[int],
         num_classes: int,
         encoder: str = "auto",
-        trainable_top_layers: int = 2,
+        trainable_top_layers: NonNegativeInt = 2,
         cache_frozen_prefix: bool = True,
     ) -> None:
         super().__init__()
@@ -86,7 +85,7 @@ class BertClassifier(nn.Module):
                 return index
         return len(self.layers)
 
-    def train(self, mode: bool = True) -> BertClassifier:
+    def train(self, mode: bool = True) -> "BertClassifier":
         super().train(mode)
         if mode and not any(p.requires_grad for p in self.model.bert.embeddings.parameters()):
             self.model.bert.embeddings.eval()  # frozen feature extractor: no dropout, as in the cache

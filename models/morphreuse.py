@@ -16,16 +16,16 @@ k = (in, out), s_l is a learnable scalar per layer (init 1) and act is GELU. The
 per-model registry (not a class-level global), so two models in one process, DDP and checkpoints work.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import MinLen
 from torch import Tensor, nn
 
+from constraints import NonNegativeInt, PositiveFloat, PositiveInt
 from models.bert import BertClassifier
 
 # --------------------------------------------------------------------------------------------------------
@@ -73,8 +73,6 @@ class CoreAdapter(nn.Module):
         for proj in (self.proj_in, self.proj_out):
             nn.init.xavier_uniform_(proj.weight)
             proj.weight.requires_grad_(train_proj)
-        if scale not in ("none", "scalar", "vector"):
-            raise ValueError(f"model.net.scale must be one of none, scalar, vector; got {scale!r}.")
         self.scale = None if scale == "none" else nn.Parameter(torch.ones(1 if scale == "scalar" else dim))
         object.__setattr__(self, "core", core)  # deliberately unregistered (see class docstring)
 
@@ -110,9 +108,9 @@ class SharedCoreMLP(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        widths: Sequence[int] = (512,),
-        core_dim: int = 128,
-        expand: float = 2.5,
+        widths: Annotated[Sequence[PositiveInt], MinLen(1)] = (512,),
+        core_dim: PositiveInt = 128,
+        expand: PositiveFloat = 2.5,
         layer_norm: bool = True,
         gate_init: float = -3.0,
         train_proj: bool = False,
@@ -120,13 +118,6 @@ class SharedCoreMLP(nn.Module):
         activation: Literal["none", "relu", "gelu"] = "none",
     ) -> None:
         super().__init__()
-        if activation not in ("none", "relu", "gelu"):
-            raise ValueError(f"model.net.activation must be one of none, relu, gelu; got {activation!r}.")
-        if core_dim < 1 or expand <= 0 or not widths or min(widths) < 1:
-            raise ValueError(
-                f"model.net needs core_dim >= 1, expand > 0 and a non-empty list of widths >= 1; got core_dim={core_dim}, "
-                f"expand={expand}, widths={list(widths)}."
-            )
         self.core = SharedResidualCore(core_dim, expand, layer_norm, gate_init)
         dims = [math.prod(input_shape), *widths, num_classes]
         self.adapters = nn.ModuleList(
@@ -203,7 +194,7 @@ class ShapeSharedBert(BertClassifier):
         input_shape: Sequence[int],
         num_classes: int,
         encoder: str = "auto",
-        wrapped_top_layers: int = 2,
+        wrapped_top_layers: NonNegativeInt = 2,
         gelu_on_logits: bool = True,
         share_across_roles: bool = True,
         init_from_pretrained: bool = False,

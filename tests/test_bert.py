@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models import BertClassifier, ShapeSharedBert
+from parsing import parser_refuses
 
 
 def sentences(n: int = 10, max_length: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +53,10 @@ def test_frozen_prefix_runs_in_eval_mode_during_training():
     net = BertClassifier((16,), 2, encoder="random-tinybert", trainable_top_layers=2).train()
     assert not net.model.bert.embeddings.training
     assert [layer.training for layer in net.layers] == [False, False, True, True]
+
+
+def test_trainable_top_layers_is_checked_by_the_parser_and_against_the_encoder():
+    assert parser_refuses(BertClassifier, trainable_top_layers=-1)
+    assert not parser_refuses(BertClassifier, trainable_top_layers=0)
+    with pytest.raises(ValueError, match=r"model.net.trainable_top_layers must be in \[0, 4\]"):  # TinyBERT: 4 layers
+        BertClassifier((16,), 2, encoder="random-tinybert", trainable_top_layers=5)

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_modules import Baseline, LoRA, MorphReuse
 from models import MLP, BackboneClassifier, BertClassifier, SharedCoreMLP, ShapeSharedBert
 from models.morphreuse import CoreAdapter, ShapeSharedLinear
+from parsing import parser_refuses
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -149,3 +150,22 @@ def test_conv_frozen_backbone_loads_and_stays_fixed(tmp_path):
     assert not frozen.net.backbone.training and frozen.net.head.training
     assert counts(frozen)[1] == 83_009
     assert isinstance(frozen.net.backbone[0], nn.Conv2d)
+
+
+REFUSED = [  # single-field values the argument parser refuses (called from Python, the annotations check nothing)
+    (SharedCoreMLP, dict(core_dim=0)), (SharedCoreMLP, dict(expand=0)), (SharedCoreMLP, dict(widths="[]")),
+    (SharedCoreMLP, dict(widths="[512, 0]")), (SharedCoreMLP, dict(scale="matrix")), (SharedCoreMLP, dict(activation="tanh")),
+    (ShapeSharedBert, dict(wrapped_top_layers=-1)), (BackboneClassifier, dict(channels="[]")),
+    (BackboneClassifier, dict(channels="[32, 0]")),
+]
+
+
+@pytest.mark.parametrize(("cls", "bad"), REFUSED, ids=[f"{c.__name__}-{next(iter(b))}={next(iter(b.values()))}" for c, b in REFUSED])
+def test_the_parser_refuses_out_of_range_arguments(cls, bad):
+    assert parser_refuses(cls, **bad)
+
+
+def test_the_parser_accepts_in_range_arguments():
+    assert not parser_refuses(SharedCoreMLP, core_dim=1, expand=0.5, widths="[8]", scale="vector", activation="gelu")
+    assert not parser_refuses(ShapeSharedBert, wrapped_top_layers=0)
+    assert not parser_refuses(BackboneClassifier, channels="[8]")
