@@ -15,32 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, quiet, run_cli, summary
-from test_morphonet_training import small_config
+from conftest import ROOT, TECHNIQUES, quiet, run_cli, summary, technique_args
 
-DIGITS = ["--data", "datamodules.TabularDataModule", "--data.init_args.dataset=digits", "--data.init_args.batch_size=64"]
-TECHNIQUES = {  # small runs of every technique, each killed after batch 1 of epoch 2 (the third)
-    "baseline": ["--config", "configs/moons/baseline.yaml", "--model.init_args.net.init_args.dropout=0.2",
-                 "--trainer.max_epochs=4"],
-    "morphreuse": ["--config", "configs/fashion_mnist/morphreuse.yaml", *DIGITS, "--trainer.max_epochs=4",
-                   "--model.init_args.net.init_args.widths=[64]", "--model.init_args.net.init_args.core_dim=32"],
-    "lora": ["--config", "configs/fashion_mnist/lora.yaml", *DIGITS, "--trainer.max_epochs=4",
-             "--model.init_args.net.init_args.hidden=[64, 64]"],
-    # moons, 6 epochs: warm-up 1, temperature and sparsity ramps, pruning after epochs 2, 4 and 6
-    "morphonet": lambda tmp: ["--config", small_config(tmp)],
-    "layercollapse": ["--config", "configs/fashion_mnist/layercollapse_progressive.yaml", *DIGITS, "--trainer.max_epochs=4",
-                      "--model.init_args.net.init_args.hidden=[32, 64, 64]", "--model.init_args.lc_weight=10.0",
-                      "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=0.02",
-                      "--model.init_args.lr_scheduler=null"],
-    "lrunet": ["--config", "configs/cifar10/lrunet.yaml", "--data.init_args.synthetic=true",
-               "--data.init_args.synthetic_size=128", "--data.init_args.batch_size=16", "--data.init_args.eval_batch_size=64",
-               "--model.init_args.net.init_args.reuse=3", "--trainer.max_epochs=4"],
-    "neumeta": ["--config", "configs/digits/neumeta_head.yaml", "--trainer.max_steps=-1", "--trainer.max_epochs=4",
-                "--model.init_args.pretrain_epochs=2", "--model.init_args.warm_start_steps=20",
-                "--model.init_args.warmup_steps=5", "--model.init_args.inr_hidden=32", "--model.init_args.inr_freqs=4",
-                "--model.init_args.val_samples=2", "--model.init_args.test_samples=2",
-                "--model.init_args.test_widths=[32, 64]"],
-}
 KILL = ["--trainer.callbacks+=crash.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1"]
 TIMING = ("train_seconds", "seconds_per_epoch")
 
@@ -68,8 +44,7 @@ def callback_states(ckpt: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(technique, in_tmp):
-    args = TECHNIQUES[technique](in_tmp) if callable(TECHNIQUES[technique]) else TECHNIQUES[technique]
-    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in args]
+    args = technique_args(technique)
     straight = run_cli("fit", *args, *quiet(in_tmp, "straight"))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args, *KILL, *quiet(in_tmp, "crashed")],

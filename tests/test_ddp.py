@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, quiet, run_cli, summary
-from test_crash_resume import KILL, TECHNIQUES, checkpoint, same
+from conftest import ROOT, TECHNIQUES, quiet, run_cli, summary, technique_args
+from test_crash_resume import KILL, checkpoint, same
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 # This 128-image random-data LruNet (ReLU on the logits, parity mode) is chaotic: one process on 1 vs 2 threads,
@@ -42,9 +42,7 @@ def run_ddp(args: list[str], cwd: Path, name: str, returncode: int = 0) -> Path:
 
 
 def args_for(technique: str, tmp: Path) -> list[str]:
-    args = TECHNIQUES[technique](tmp) if callable(TECHNIQUES[technique]) else TECHNIQUES[technique]
-    args = [a.replace("configs/", str(ROOT / "configs") + "/", 1) if a.startswith("configs/") else a for a in args]
-    return args + CALM.get(technique, [])
+    return technique_args(technique) + CALM.get(technique, [])
 
 
 @pytest.mark.slow
