@@ -48,13 +48,7 @@ TOLERANCE = {  # measured largest differences in brackets
     "layercollapse": (1e-5, 1e-5),  # Linear-PReLU(1)-Linear multiplied out [7e-7 MLP; 4.8e-6 VGG-11 at logits of 5.6]
 }
 
-# Experiments that cannot be built today (library or config bugs, reported): strict, so a fix shows up as XPASS.
-KNOWN_BROKEN = {
-    config: "peft refuses target_modules 'head\\..*': the regex also matches head.layers, the head MLP's Sequential"
-    for config in ("configs/cifar10/lora_conv_trainable.yaml", "configs/cifar10/lora_conv_frozen.yaml")
-}
-CASES = [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[c], raises=ValueError, strict=True))
-         if c in KNOWN_BROKEN else c for c in EXPERIMENTS]
+CASES = EXPERIMENTS
 
 CONTRACT = ("technique", "dataset", "seed", "metrics", "params", "flops_per_sample", "model_bytes", "epochs",
             "train_seconds")
