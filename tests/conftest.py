@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import yaml
 from lightning.pytorch import Callback
 
 import train
@@ -39,6 +42,17 @@ class StopAfter(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+def resolved_config(config: str | Path, *args: str) -> dict:
+    """The experiment as LightningCLI resolves it (``fit --config CONFIG ARGS --print_config``), every key spelled
+    out: a test that edits a config edits this, since experiments compose from other files."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        run_cli("fit", "--config", str(config), *args, "--print_config")
+    resolved = yaml.safe_load(printed.getvalue())
+    resolved.pop("config", None)
+    return resolved
 
 
 def summary(run_dir: Path) -> dict:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from parsing import parser_refuses
-from conftest import ROOT, quiet, run_cli, summary
+from conftest import ROOT, quiet, resolved_config, run_cli, summary
 from models.layercollapse import collapsible_blocks
 from lightning_modules import LayerCollapse
 from models import CollapsibleMLP
@@ -74,7 +74,7 @@ def test_bad_lambda_is_refused():
 
 def progressive(tmp: Path, stop_after: int | None = None) -> list[str]:
     """configs/fashion_mnist/layercollapse_progressive.yaml on digits, small: 2 epochs per block, 5 epochs."""
-    config = yaml.safe_load((ROOT / "configs/fashion_mnist/layercollapse_progressive.yaml").read_text())
+    config = resolved_config(ROOT / "configs/fashion_mnist/layercollapse_progressive.yaml")
     config["trainer"]["callbacks"][0]["init_args"]["epochs_per_block"] = 2
     if stop_after:
         config["trainer"]["callbacks"].append({"class_path": "conftest.StopAfter", "init_args": {"epochs": stop_after}})

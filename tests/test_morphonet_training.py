@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, quiet, run_cli, summary
+from conftest import ROOT, quiet, resolved_config, run_cli, summary
 from models.plain_export import load_exported
 
 
 def small_config(tmp_path: Path, mode: str = "intended", stop_after: int | None = None) -> str:
     """configs/moons/morphonet_<mode>.yaml shrunk to 6 epochs with every schedule event inside them."""
     name = "morphonet_intended" if mode == "intended" else "morphonet"
-    config = yaml.safe_load((ROOT / f"configs/moons/{name}.yaml").read_text())
+    config = resolved_config(ROOT / f"configs/moons/{name}.yaml")
     config["trainer"]["max_epochs"] = 6
     for callback in config["trainer"]["callbacks"]:
         args = callback["init_args"]
