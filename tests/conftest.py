@@ -140,7 +140,8 @@ SMOKE_NET = {  # by network class
     "models.BackboneClassifier": ["--model.init_args.net.init_args.backbone_checkpoint="],
 }
 SMOKE_TECHNIQUE = {  # by LightningModule class
-    "lightning_modules.LayerReuse": ["--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8"],  # ~10 ms/image
+    # about 10 ms per image and thread
+    "lightning_modules.LayerReuse": ["--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8"],
     "lightning_modules.NeuMeta": [
         "--model.init_args.pretrained=null",  # the CIFAR ResNet-20's pretrained checkpoint is a run of its own
         "--model.init_args.pretrain_epochs=1", "--model.init_args.warm_start_steps=2",

@@ -17,10 +17,8 @@ scikit-learn tables, rt-snippets) and on synthetic CIFAR (named ``cifar10-synthe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
 import math
 import re
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 import yaml
 
 import models.latency
-from conftest import EXPERIMENTS, ROOT, TECHNIQUES, GradientProbe, run_cli, smoke_overrides, summary
+from conftest import EXPERIMENTS, ROOT, TECHNIQUES, GradientProbe, resolved_config, run_cli, smoke_overrides, summary
 
 # Parameters that may legitimately end two steps without a gradient: (technique, regex on the parameter name) -> why.
 INTENTIONALLY_UNUSED: dict[tuple[str, str], str] = {}
@@ -47,8 +45,6 @@ TOLERANCE = {  # measured largest differences in brackets
     "morphonet": (1e-6, 1e-5),  # hard mask folded into the weights, dead units removed [0; 1e-7 Transformer]
     "layercollapse": (1e-5, 1e-5),  # Linear-PReLU(1)-Linear multiplied out [7e-7 MLP; 4.8e-6 VGG-11 at logits of 5.6]
 }
-
-CASES = EXPERIMENTS
 
 CONTRACT = ("technique", "dataset", "seed", "metrics", "params", "flops_per_sample", "model_bytes", "epochs",
             "train_seconds")
@@ -85,7 +81,7 @@ def _merge(into: dict, other: dict) -> None:
 
 def classes(config: str) -> dict[str, str | None]:
     """The class paths of the experiment's model, network and datamodule: from its YAML (and the files it composes),
-    or, where that does not say, from the config LightningCLI resolves."""
+    or, where that does not say, from the config LightningCLI resolves (``--print_config``, slower)."""
     def find(tree: Any) -> dict[str, str | None]:
         get = lambda node, key: node.get(key) if isinstance(node, dict) else None  # noqa: E731
         model = get(tree, "model")
@@ -93,12 +89,7 @@ def classes(config: str) -> dict[str, str | None]:
                 "data": get(get(tree, "data"), "class_path")}
 
     found = find(_compose(ROOT / config))
-    if found["model"] and found["data"]:
-        return found
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
-        run_cli("fit", "--config", str(ROOT / config), "--print_config")
-    return find(yaml.safe_load(printed.getvalue()))
+    return found if found["model"] and found["data"] else find(resolved_config(ROOT / config))
 
 
 @pytest.fixture
@@ -106,7 +97,7 @@ def quick_latency(monkeypatch):
     """summary.json's latency with one timed call at batch 1 and 2 (batch 256 of a BERT costs seconds)."""
     function = models.latency.measure_latency
     quick = {"batch_sizes": (1, 2), "warmup": 0, "repeats": 1, "min_repeats": 1, "budget_seconds": 0.0}
-    positional = [p for p in inspect.signature(function).parameters.values() if p.default is not inspect.Parameter.empty]
+    positional = [p for p in inspect.signature(function).parameters.values() if p.default is not p.empty]
     monkeypatch.setattr(function, "__defaults__", tuple(quick.get(p.name, p.default) for p in positional))
 
 
@@ -199,7 +190,7 @@ def check_summary(result: dict, module, datamodule, trained: int) -> None:
     assert set(result["latency"]["ms"]) == {"1", "2"} and all(v > 0 for v in result["latency"]["ms"].values())
 
 
-@pytest.mark.parametrize("config", CASES)
+@pytest.mark.parametrize("config", EXPERIMENTS)
 def test_experiment_trains_two_steps_and_keeps_its_contracts(config, tmp_path, quick_latency):
     found = classes(config)
     try:
