@@ -9,8 +9,9 @@ scikit-learn tables, rt-snippets) and on synthetic CIFAR (named ``cifar10-synthe
   lists the exceptions, with the reason);
 * the run directory is ``<save_dir>/<dir>/<name>/version_0`` and its ``summary.json`` holds every field of the
   DESIGN.md contract, with values that a wrong implementation would get wrong;
-* a checkpoint saved from the trained module and loaded into a fresh one (``load_from_checkpoint``: structural
-  changes are restored by ``on_load_checkpoint``) gives bit-identical eval logits;
+* the checkpoint that fit's test loaded into the module (best or last), loaded into a fresh module
+  (``load_from_checkpoint``, as ``test --ckpt_path`` rebuilds it: structural changes are restored by
+  ``on_load_checkpoint``), gives bit-identical eval logits;
 * the deployed model (``deployed_model()``) predicts what the technique's own evaluation predicts on the same batch
   (``compare_deployed``; tolerances in ``TOLERANCE``).
 """
@@ -217,11 +218,10 @@ def test_experiment_trains_two_steps_and_keeps_its_contracts(config, tmp_path, q
     trained = sum(p.numel() for name, p in module.named_parameters() if name in probe.trainable)
     check_summary(summary(run_dir), module, datamodule, trained)
 
-    # save -> load into a fresh module -> identical eval logits
+    # the checkpoint fit's test loaded into the module, loaded into a fresh one -> identical eval logits
     x, _ = next(iter(datamodule.test_dataloader()))
-    path = tmp_path / "round_trip.ckpt"
-    trainer.save_checkpoint(path)
-    fresh = type(module).load_from_checkpoint(path, map_location="cpu")
+    assert trainer.ckpt_path and Path(trainer.ckpt_path).parent == run_dir / "checkpoints"
+    fresh = type(module).load_from_checkpoint(trainer.ckpt_path, map_location="cpu")
     assert fresh.state_dict().keys() == module.state_dict().keys()
     before, after = logits(module, x), logits(fresh, x)
     assert torch.equal(before, after), float((before - after).abs().max())
