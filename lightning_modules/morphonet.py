@@ -33,8 +33,11 @@ from torch import Tensor, nn
 from callbacks.controls import MaskSchedule
 from callbacks.sparsity import SparsityScheduler
 from lightning_modules.base import ClassificationModule, NetworkFactory
-from constraints import Fraction, NonNegativeFloat, PositiveFloat
+from constraints import Fraction, NonNegativeFloat, PositiveFloat, Probability
+from lightning_modules.text_hooks import DictInputNetwork
+from models.masked_network import Granularity, MaskedNetwork
 from models.morphonet import MorphoNetwork
+from models.targets import TargetModules
 from models.morphonet_export import export_pruned, export_summary
 from models.plain_export import save_exported
 
@@ -52,6 +55,10 @@ class MorphoNet(ClassificationModule):
         final_prune_threshold: before export, entries with sigmoid(M/T) below this are pruned (spec: 0.2).
         eval_mask: ``soft``, ``hard`` or ``exported`` (validation and test); default: soft in parity, exported in
             intended mode. Validation during training uses the hard mask whenever eval_mask is not soft.
+        target_modules, exclude_modules, granularity, init_density: for a plain network (any ``nn.Module``, e.g.
+            ``models.TorchvisionNet``), which Linear / Conv2d layers get masks and of which granularity
+            (``connection`` or ``unit``; ``models.masked_network``). A ``models.Morpho*`` network holds its own
+            connection masks and takes none of these.
     """
 
     technique = "morphonet"
@@ -69,11 +76,12 @@ class MorphoNet(ClassificationModule):
         sparsity_weight: NonNegativeFloat | None = None,
         final_prune_threshold: Fraction = 0.2,
         eval_mask: Literal["soft", "hard", "exported"] | None = None,
+        target_modules: TargetModules | None = None,
+        exclude_modules: TargetModules | None = None,
+        granularity: Granularity = "connection",
+        init_density: Probability = 0.4,
     ) -> None:
         super().__init__(net, input_shape, num_classes)  # the two optimisers are built in configure_optimizers
-        if not isinstance(self.net, MorphoNetwork):
-            raise ValueError(f"lightning_modules.MorphoNet trains a masked network: model.net must be models.MorphoMLP, "
-                             f"MorphoCNN or MorphoTransformer, got {type(self.net).__name__}.")
         self.automatic_optimization = False
         self.mode = mode
         self.weight_lr, self.weight_decay, self.mask_lr, self.grad_clip = weight_lr, weight_decay, mask_lr, grad_clip
@@ -83,6 +91,21 @@ class MorphoNet(ClassificationModule):
         self.controls = MaskSchedule()  # SparsityScheduler sets the target density and the warm-up freeze
         self.density_at_start: float | None = None
         self._exported: nn.Module | None = None
+
+    def build_network(self, net: NetworkFactory) -> nn.Module:
+        """A ``models.Morpho*`` network as it is; any other network with masks on its target layers."""
+        network = super().build_network(net)
+        h = self.hparams
+        if isinstance(network, MorphoNetwork):
+            if h.target_modules is not None or h.exclude_modules is not None or h.granularity != "connection":
+                raise ValueError(f"model.net {type(network).__name__} holds its own connection masks: drop "
+                                 "model.target_modules / exclude_modules / granularity, or give a plain network.")
+            return network
+        if isinstance(network, DictInputNetwork):
+            raise ValueError(f"lightning_modules.MorphoNet puts masks on image and tabular networks; "
+                             f"{type(network).__name__} takes token dicts: use models.MorphoTransformer.")
+        return MaskedNetwork(network, torch.zeros(1, *self.input_shape), target_modules=h.target_modules or "all-linear",
+                             exclude_modules=h.exclude_modules, granularity=h.granularity, init_density=h.init_density)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -20,6 +20,8 @@ from models.mlp import MLP
 from models.mobile_baselines import MobileNetV1, MobileNetV2Small, ShuffleNetV1, ShuffleNetV2Small
 from models.morphonet import MorphoCNN, MorphoMLP, MorphoTransformer
 from models.morphreuse import SharedCoreMLP, ShapeSharedBert
+from models.zoo import TimmNet, TorchvisionNet
+from models.masked_network import MaskedNetwork, apply_masks
 from models.neumeta_targets import NeuMetaCNN, NeuMetaHead, NeuMetaResidual, NeuMetaResNet20
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
@@ -27,4 +29,5 @@ __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCore
            "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlps_",
            "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer",
            "LruNet", "MobileNetV1", "MobileNetV2Small", "ShuffleNetV1", "ShuffleNetV2Small",
-           "NeuMetaHead", "NeuMetaResidual", "NeuMetaCNN", "NeuMetaResNet20"]
+           "NeuMetaHead", "NeuMetaResidual", "NeuMetaCNN", "NeuMetaResNet20", "TorchvisionNet", "TimmNet",
+           "MaskedNetwork", "apply_masks"]

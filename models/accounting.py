@@ -7,12 +7,14 @@ Definitions, for a module tree ``m``:
 * ``trainable``: the subset of ``total`` with ``requires_grad``.
 * ``nonzero``: entries that still multiply something in the exported model. By default an entry counts when
   it is non-zero. ``torch.nn.utils.prune`` reparametrisations (``<name>_orig`` parameter + ``<name>_mask``
-  buffer) count ``orig * mask != 0``. A module that knows better (learned masks, hypernetworks) defines
-  ``count_nonzero_parameters()`` and accounts for its whole subtree.
+  buffer) count ``orig * mask != 0``; a ``torch.nn.utils.parametrize`` tensor counts its current value (set
+  hard masks first), the parametrizations' own parameters (mask logits) do not count. A module that knows
+  better (learned masks, hypernetworks) defines ``count_nonzero_parameters()`` and accounts for its subtree.
 * ``dense_equivalent``: what the same architecture would have without sharing/masking/collapse: every *use* of
   a parameter counts, so a tensor (or module) registered in k places counts k times. A module whose reuse is
   not visible in the module tree (a block applied N times in a loop) or whose parameters are not part of the
-  dense architecture (mask logits) defines ``count_dense_equivalent_parameters()`` for its subtree.
+  dense architecture (mask logits) defines ``count_dense_equivalent_parameters()`` for its subtree; a
+  parametrized tensor counts as its original.
 * ``model_bytes``: bytes of unique parameter and buffer storage (BN statistics and mask buffers included).
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 NONZERO_HOOK = "count_nonzero_parameters"
@@ -58,6 +61,10 @@ def count_nonzero(root: nn.Module) -> int:
             total += int(getattr(module, NONZERO_HOOK)())
             counted.update(id(p) for p in module.parameters())
             continue
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                total += int(torch.count_nonzero(getattr(module, name).detach()))
+            counted.update(id(p) for p in module.parametrizations.parameters())
         for name, param in module.named_parameters(recurse=False):
             if id(param) in counted:
                 continue
@@ -75,7 +82,10 @@ def count_dense_equivalent(root: nn.Module) -> int:
         if _owns_hook(module, DENSE_HOOK, root):
             return int(getattr(module, DENSE_HOOK)())
         own = sum(p.numel() for p in module._parameters.values() if p is not None)
-        return own + sum(visit(child) for child in module._modules.values() if child is not None)
+        children = dict(module._modules)
+        if parametrize.is_parametrized(module):  # the original tensors count, the parametrizations' do not
+            own += sum(p.original.numel() for p in children.pop("parametrizations").values())
+        return own + sum(visit(child) for child in children.values() if child is not None)
 
     return visit(root)
 

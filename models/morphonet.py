@@ -26,32 +26,19 @@ from annotated_types import MinLen
 from torch import Tensor, nn
 
 from constraints import Fraction, PositiveInt, Probability
+from models.masks import PRUNED_LOGIT, Mask, MaskMode, check_temperature  # noqa: F401 (re-exported)
 from models.mlp import mlp_layers
 
-PRUNED_LOGIT = -100.0
 MASK_PARAMETER_NAMES = ("mask_logits", "skip_gate", "head_logits")
-MaskMode = Literal["soft", "hard"]
-
-
-def check_temperature(t: float) -> float:
-    t = float(t)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {t}.")
-    return t
 
 
 # --------------------------------------------------------------------------------------------------------
 # Layers
 
 
-class MaskedLayer(nn.Module):
-    """What MorphoLinear and MorphoConv2d share: mask logits, the temperature buffer, soft/hard mask, prune.
-
-    ``weights_per_mask_entry`` is how many weights one mask entry gates (1 for a linear layer, the number of
-    input channels for a convolution, whose spatial mask is shared across them).
-    """
-
-    weights_per_mask_entry = 1
+class MaskedLayer(Mask):
+    """What MorphoLinear and MorphoConv2d share: their own weight and bias beside the mask (``models.masks.Mask``:
+    logits, temperature, soft/hard mode, prune). ``expand_mask`` broadcasts the mask to the weight's shape."""
 
     def __init__(
         self, weight_shape: tuple[int, ...], mask_shape: tuple[int, ...], fan_in: int, init_density: float, bias: bool
@@ -61,33 +48,8 @@ class MaskedLayer(nn.Module):
             raise ValueError(f"init_density must be in [0, 1], got {init_density}.")
         self.weight = nn.Parameter(torch.randn(weight_shape) * math.sqrt(2.0 / fan_in))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
-        self.mask_logits = nn.Parameter(torch.where(torch.rand(mask_shape) < init_density, 2.0, -2.0))
-        self.register_buffer("temperature", torch.tensor(1.0))
+        self.init_mask(mask_shape, init_density)
         self.register_parameter("skip_gate", None)
-        self._mask_mode: MaskMode = "soft"
-
-    @property
-    def mask_mode(self) -> MaskMode:
-        return self._mask_mode
-
-    @mask_mode.setter
-    def mask_mode(self, mode: MaskMode) -> None:
-        if mode not in ("soft", "hard"):
-            raise ValueError(f"mask_mode must be soft or hard, got {mode!r}.")
-        self._mask_mode = mode
-
-    def set_temperature(self, t: float) -> None:
-        self.temperature.fill_(check_temperature(t))
-
-    def soft_mask(self) -> Tensor:
-        return torch.sigmoid(self.mask_logits / self.temperature)
-
-    def hard_mask(self) -> Tensor:
-        return (self.mask_logits > 0).to(self.mask_logits.dtype)
-
-    def mask(self) -> Tensor:
-        """The mask of the current ``mask_mode``, shaped like ``mask_logits``."""
-        return self.soft_mask() if self._mask_mode == "soft" else self.hard_mask()
 
     def expand_mask(self, mask: Tensor) -> Tensor:
         """A mask broadcast to the weight's shape."""
@@ -95,24 +57,6 @@ class MaskedLayer(nn.Module):
 
     def masked_weight(self, hard: bool = False) -> Tensor:
         return self.weight * self.expand_mask(self.hard_mask() if hard else self.mask())
-
-    def density(self) -> float:
-        """Fraction of mask entries that are on (M > 0)."""
-        return float((self.mask_logits > 0).float().mean())
-
-    def mask_penalty(self) -> Tensor:
-        """mean(sigmoid(M / T)), differentiable (the parity L1 penalty before lambda)."""
-        return self.soft_mask().mean()
-
-    @torch.no_grad()
-    def prune_(self, threshold: float) -> int:
-        """Set M := -100 where sigmoid(M / T) < threshold; return how many entries changed."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"prune threshold must be in [0, 1], got {threshold}.")
-        selected = self.soft_mask() < threshold
-        newly = int((selected & (self.mask_logits != PRUNED_LOGIT)).sum())
-        self.mask_logits[selected] = PRUNED_LOGIT
-        return newly
 
     @torch.no_grad()
     def count_nonzero_parameters(self) -> int:
@@ -240,9 +184,9 @@ class MorphoAttention(SelfAttention):
 class MorphoNetwork(nn.Module):
     """The interface shared by the MorphoNet networks (used by the LightningModule, callbacks and export)."""
 
-    def morpho_layers(self) -> list[MaskedLayer]:
-        """The masked layers (MorphoLinear, MorphoConv2d) in module order."""
-        return [m for m in self.modules() if isinstance(m, MaskedLayer)]
+    def morpho_layers(self) -> list[Mask]:
+        """The masks (MorphoLinear, MorphoConv2d, or the ``models.masks`` parametrizations) in module order."""
+        return [m for m in self.modules() if isinstance(m, Mask)]
 
     def attentions(self) -> list[MorphoAttention]:
         return [m for m in self.modules() if isinstance(m, MorphoAttention)]

@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from models.accounting import count_dense_equivalent, count_nonzero
+from models.masked_network import MaskedNetwork
 from models.morphonet import MaskedLayer, MorphoAttention, MorphoConv2d, MorphoLinear, MorphoTransformer, SelfAttention
 
 PASS_THROUGH = (nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -239,13 +241,15 @@ def export_pruned(model: nn.Module, prune_threshold: float | None = None) -> nn.
     """The deployed model of a MorphoNet network (see the module docstring); ``model`` is not changed.
 
     Args:
-        model: a ``MorphoMLP``, ``MorphoCNN`` (anything with a ``layers`` Sequential of supported modules) or
-            ``MorphoTransformer``.
+        model: a ``MorphoMLP``, ``MorphoCNN`` (anything with a ``layers`` Sequential of supported modules),
+            ``MorphoTransformer`` or a ``models.masked_network.MaskedNetwork`` (any network; its own ``export``).
         prune_threshold: if given, ``prune_(prune_threshold)`` is applied to a copy of ``model`` first.
     """
     if prune_threshold is not None:
         model = copy.deepcopy(model)
         model.prune_(prune_threshold)
+    if isinstance(model, MaskedNetwork):
+        return model.export(prune_threshold=None)  # pruned above
     if isinstance(model, MorphoTransformer):
         return _export_transformer(model)
     sequential = getattr(model, "layers", None)
@@ -270,16 +274,19 @@ def _widths(module: nn.Module) -> tuple[int, int]:
 def export_summary(model: nn.Module, exported: nn.Module) -> dict[str, Any]:
     """Per weight layer: in/out widths before and after export and the exported layer's parameter counts; plus
     totals (exported parameters, their non-zero count, the model's dense equivalent and hard-mask non-zero)."""
-    before, after = _weight_layers(model), _weight_layers(exported)
+    hard = model.hard_plain() if isinstance(model, MaskedNetwork) else model
+    before, after = _weight_layers(hard), _weight_layers(exported)
     if len(before) != len(after):
         raise ValueError(f"export_summary: {len(before)} weight layers in the model but {len(after)} in the export.")
+    masked_names = {n for n, m in model.named_modules() if parametrize.is_parametrized(m)}
+    masked_names = {n.removeprefix("net.") for n in masked_names}
     layers = []
     for (name, old), (_, new) in zip(before, after):
         (in_before, out_before), (in_after, out_after) = _widths(old), _widths(new)
         layers.append({
             "name": name,
             "kind": "conv" if isinstance(new, nn.Conv2d) else "linear",
-            "masked": isinstance(old, MaskedLayer),
+            "masked": isinstance(old, MaskedLayer) or name in masked_names,
             "in_before": in_before, "out_before": out_before, "in_after": in_after, "out_after": out_after,
             "params": sum(p.numel() for p in new.parameters()),
             "nonzero": sum(int(torch.count_nonzero(p)) for p in new.parameters()),
@@ -289,6 +296,6 @@ def export_summary(model: nn.Module, exported: nn.Module) -> dict[str, Any]:
         "units_removed": sum(layer["out_before"] - layer["out_after"] for layer in layers),
         "params_exported": sum(p.numel() for p in exported.parameters()),
         "nonzero_exported": count_nonzero(exported),
-        "nonzero_hard_masked": count_nonzero(model),
+        "nonzero_hard_masked": count_nonzero(hard),
         "dense_equivalent": count_dense_equivalent(model),
     }
