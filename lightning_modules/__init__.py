@@ -8,5 +8,7 @@ from lightning_modules.lora import LoRA
 from lightning_modules.morphonet import MorphoNet
 from lightning_modules.morphreuse import MorphReuse
 from lightning_modules.neumeta import NeuMeta
+from lightning_modules.structured_pruning import StructuredPruning
 
-__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse", "LayerReuse", "NeuMeta"]
+__all__ = ["ClassificationModule", "Baseline", "MorphReuse", "LoRA", "MorphoNet", "LayerCollapse", "LayerReuse", "NeuMeta",
+           "StructuredPruning"]

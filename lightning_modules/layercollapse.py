@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from callbacks.controls import CollapseStage
 from constraints import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from lightning_modules.base import ClassificationModule, NetworkFactory
-from lightning_modules.distributed import rewrap_after_structure_change
+from lightning_modules.structure import after_structure_change
 from models.layercollapse import CollapsibleBlock, collapse_blocks_, collapsible_blocks, rebuild_collapsed_
 from models.plain_export import save_exported
 
@@ -158,27 +158,8 @@ class LayerCollapse(ClassificationModule):
             return []
         collapse_blocks_(self.net, names)
         self.collapsed_blocks += names
-        if self._trainer is not None:
-            for optimizer in self.trainer.optimizers:
-                self._refresh_optimizer(optimizer)
-            if self.trainer.training:
-                rewrap_after_structure_change(self.trainer)
+        after_structure_change(self)
         return names
-
-    def _refresh_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Point ``optimizer``'s groups at the network's current parameters, in ``optimizer_parameters()`` order
-        (what a resumed run's fresh ``configure_optimizers`` builds, so saved optimizer state lines up), keeping
-        the state of surviving parameters; the new Linear starts with empty state. Hand-written because torch
-        optimizers have no "replace parameters" API; adding a param group instead would change the group count
-        the LR scheduler keeps."""
-        groups = self.optimizer_parameters()
-        if len(groups) != len(optimizer.param_groups):
-            raise RuntimeError(f"optimizer has {len(optimizer.param_groups)} parameter groups, expected {len(groups)}.")
-        alive = {id(p) for g in groups for p in g["params"]}
-        for p in [p for p in optimizer.state if id(p) not in alive]:
-            del optimizer.state[p]
-        for group, fresh in zip(optimizer.param_groups, groups):
-            group["params"] = list(fresh["params"])
 
     def deployed_model(self) -> nn.Module:
         """A copy with every selected block within ``collapse_threshold`` of linear merged into one Linear."""

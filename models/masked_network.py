@@ -21,6 +21,7 @@ it on a random batch and refuses, in one sentence, a network where it is not.
 """
 
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from models.masks import ConnectionMask, GatedRows, Mask, UnitGate
 from models.morphonet import MorphoNetwork
-from models.targets import TargetModules, match_modules, output_layer
+from models.targets import TargetModules, match_modules, network_name, output_layer
 
 Granularity = Literal["connection", "unit"]
 MASKABLE = (nn.Linear, nn.Conv2d)
@@ -65,7 +66,9 @@ def exactly_gateable(group: Any) -> bool:
 
 def coupled_groups(net: nn.Module, example_input: Any, output_name: str) -> tuple[tp.DependencyGraph, list[Any]]:
     """torch-pruning's groups of coupled output channels of ``net`` (the output layer's group excluded)."""
-    with torch.enable_grad():  # torch-pruning traces the autograd graph
+    with torch.enable_grad(), warnings.catch_warnings():  # torch-pruning traces the autograd graph
+        # cls tokens / position embeddings: groups holding them are never gated or pruned here
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_input)
     groups = list(graph.get_all_groups(ignored_layers=[net.get_submodule(output_name)], root_module_types=MASKABLE))
     return graph, groups
@@ -132,7 +135,7 @@ class MaskedNetwork(MorphoNetwork):
             gated += 1
         if not gated:
             raise ValueError(f"MorphoNet granularity unit: no output channel of the target layers of "
-                             f"{type(self.net).__name__} can be gated exactly (each is coupled to a LayerNorm, an "
+                             f"{network_name(self.net)} can be gated exactly (each is coupled to a LayerNorm, an "
                              "attention projection or the output layer); choose other target_modules or use "
                              "granularity: connection.")
 
@@ -165,7 +168,7 @@ class MaskedNetwork(MorphoNetwork):
             dead = _zero_channels(group)
             if dead:
                 graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
-        _check_export(reference, plain, self.trace_input, type(self.net).__name__)
+        _check_export(reference, plain, self.trace_input, network_name(self.net))
         return plain.eval()
 
 

@@ -26,6 +26,12 @@ def _matches(name: str, pattern: TargetModules | None) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in pattern)
 
 
+def network_name(model: nn.Module) -> str:
+    """``TimmNet(vit_tiny_patch16_224)`` for a network by name, else the class name."""
+    name = getattr(model, "name", None)
+    return f"{type(model).__name__}({name})" if isinstance(name, str) else type(model).__name__
+
+
 def output_layer(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)) -> str:
     """Qualified name of the last layer of ``types`` in module order (the classifier of every network here)."""
     names = [name for name, module in model.named_modules() if isinstance(module, types)]
@@ -57,6 +63,6 @@ def match_modules(
         examples = ", ".join(list(candidates)[:4]) or "none"
         raise ValueError(
             f"{technique}: target_modules {target_modules!r} (exclude_modules {exclude_modules!r}) selects no "
-            f"{kinds} layer of {type(model).__name__}; its {kinds} layers are named like: {examples}."
+            f"{kinds} layer of {network_name(model)}; its {kinds} layers are named like: {examples}."
         )
     return chosen

@@ -78,6 +78,7 @@ class TorchvisionNet(nn.Module):
         if name not in torchvision.models.list_models():
             raise ValueError(f"TorchvisionNet: {name!r} is not a torchvision model; torchvision.models.list_models() "
                              "lists them (e.g. resnet18, mobilenet_v3_small, efficientnet_b0).")
+        self.name = name
         kwargs = dict(kwargs or {})
         if weights is None:
             kwargs["num_classes"] = num_classes
@@ -112,6 +113,7 @@ class TimmNet(nn.Module):
         if not timm.is_model(name):
             raise ValueError(f"TimmNet: {name!r} is not a timm model; timm.list_models() lists them "
                              "(e.g. vit_tiny_patch16_224, mixer_s16_224, resnet18).")
+        self.name = name
         kwargs = {"num_classes": num_classes, "in_chans": int(input_shape[0]), **(kwargs or {})}
         try:
             try:

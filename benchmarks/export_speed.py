@@ -1,0 +1,73 @@
+"""Inference speed of deployed models side by side: the networks of several runs timed in one process.
+
+A run's deployed network is its ``exported.pt`` when it wrote one, else (a Baseline) the network of its
+checkpoint, rebuilt with the LightningModule class its ``config.yaml`` names. All models are timed in
+interleaved rounds (machine noise hits every model alike) with ``models.latency.measure_latency``; the table
+gives the median over rounds per batch size, the reference's time divided by each model's (the speed-up over
+the first run), FLOPs per sample and parameters.
+
+    python benchmarks/export_speed.py results/any_network/runs/mlp_dense/seed0 results/any_network/runs/mlp_unit/seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.accounting import flops_per_sample  # noqa: E402
+from models.latency import measure_latency  # noqa: E402
+from models.plain_export import load_exported  # noqa: E402
+
+
+def deployed_of(run_dir: Path) -> torch.nn.Module:
+    """The run's exported network, or the deployed network of the checkpoint its summary names."""
+    exported = run_dir / "exported.pt"
+    if exported.exists():
+        return load_exported(exported).eval()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    module_path, _, class_name = config["model"]["class_path"].rpartition(".")
+    module_class = getattr(importlib.import_module(module_path), class_name)
+    checkpoint = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
+    return module_class.load_from_checkpoint(checkpoint, map_location="cpu").deployed_model().eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (the first is the reference)")
+    parser.add_argument("--input_shape", type=int, nargs="+", default=[1, 28, 28])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    models = {str(run): deployed_of(run) for run in args.runs}
+    example = torch.randn(1, *args.input_shape)
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batch_sizes} for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            ms = measure_latency(model, example, args.batch_sizes, repeats=10, budget_seconds=1.0)["ms"]
+            for b in args.batch_sizes:
+                times[name][b].append(ms[str(b)])
+    reference = next(iter(models))
+    print(f"threads {torch.get_num_threads()}, {args.rounds} interleaved rounds, median ms per forward pass")
+    header = "| run | params | FLOPs/sample | " + " | ".join(f"ms @ {b} | x ref @ {b}" for b in args.batch_sizes) + " |"
+    print(header)
+    print("|" + "---|" * (3 + 2 * len(args.batch_sizes)))
+    for name, model in models.items():
+        flops = flops_per_sample(lambda: model(example))
+        cells = []
+        for b in args.batch_sizes:
+            median = statistics.median(times[name][b])
+            cells += [f"{median:.3f}", f"{statistics.median(times[reference][b]) / median:.2f}"]
+        params = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {params:,} | {flops:,} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
