@@ -39,7 +39,7 @@ def _flops(net: nn.Module, example: torch.Tensor) -> int:
 def _replay(net: nn.Module, example: torch.Tensor, history: list) -> None:
     """Apply a torch-pruning pruning history to ``net`` in place."""
     was_training = net.training
-    with torch.enable_grad():  # the dependency graph is traced through autograd
+    with torch.inference_mode(False), torch.enable_grad():  # the dependency graph is traced through autograd
         graph = tp.DependencyGraph().build_dependency(net.eval(), example_inputs=example)
     graph.load_pruning_history(history)
     net.train(was_training)

@@ -66,7 +66,8 @@ def exactly_gateable(group: Any) -> bool:
 
 def coupled_groups(net: nn.Module, example_input: Any, output_name: str) -> tuple[tp.DependencyGraph, list[Any]]:
     """torch-pruning's groups of coupled output channels of ``net`` (the output layer's group excluded)."""
-    with torch.enable_grad(), warnings.catch_warnings():  # torch-pruning traces the autograd graph
+    # torch-pruning traces the autograd graph: gradients on, and out of the inference mode Lightning tests in
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         # cls tokens / position embeddings: groups holding them are never gated or pruned here
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_input)
@@ -158,6 +159,7 @@ class MaskedNetwork(MorphoNetwork):
                 _fold_parametrizations(module)
         return masked.net.eval()
 
+    @torch.inference_mode(False)  # Lightning's test loop runs in inference mode; its tensors cannot be traced
     @torch.no_grad()
     def export(self, prune_threshold: float | None = None) -> nn.Module:
         """The deployed network: hard mask folded in, channels zero in every producer removed (torch-pruning)."""

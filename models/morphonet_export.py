@@ -245,11 +245,11 @@ def export_pruned(model: nn.Module, prune_threshold: float | None = None) -> nn.
             ``MorphoTransformer`` or a ``models.masked_network.MaskedNetwork`` (any network; its own ``export``).
         prune_threshold: if given, ``prune_(prune_threshold)`` is applied to a copy of ``model`` first.
     """
+    if isinstance(model, MaskedNetwork):  # before any copy: a copy made in Lightning's inference mode cannot be traced
+        return model.export(prune_threshold)
     if prune_threshold is not None:
         model = copy.deepcopy(model)
         model.prune_(prune_threshold)
-    if isinstance(model, MaskedNetwork):
-        return model.export(prune_threshold=None)  # pruned above
     if isinstance(model, MorphoTransformer):
         return _export_transformer(model)
     sequential = getattr(model, "layers", None)

@@ -99,6 +99,9 @@ def test_technique_on_network(technique, network, tmp_path):
     if technique == "morphonet-unit":
         run = lambda net: flops_per_sample(lambda: net(x), batch_size=len(x))  # noqa: E731
         assert run(deployed) < run(reference), "closed unit gates removed no FLOPs"
+        with torch.inference_mode():  # where Lightning's test loop exports: the same network
+            in_test = module.deployed_model()
+        assert [p.shape for p in in_test.parameters()] == [p.shape for p in deployed.parameters()]
 
     path = tmp_path / "round_trip.ckpt"
     trainer.save_checkpoint(path)
