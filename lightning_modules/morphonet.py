@@ -79,7 +79,7 @@ class MorphoNet(ClassificationModule):
         target_modules: TargetModules | None = None,
         exclude_modules: TargetModules | None = None,
         granularity: Granularity = "connection",
-        init_density: Probability = 0.4,
+        init_density: Probability | None = None,
     ) -> None:
         super().__init__(net, input_shape, num_classes)  # the two optimisers are built in configure_optimizers
         self.automatic_optimization = False
@@ -97,9 +97,12 @@ class MorphoNet(ClassificationModule):
         network = super().build_network(net)
         h = self.hparams
         if isinstance(network, MorphoNetwork):
-            if h.target_modules is not None or h.exclude_modules is not None or h.granularity != "connection":
+            given = [k for k in ("target_modules", "exclude_modules", "init_density") if h[k] is not None]
+            given += ["granularity"] if h.granularity != "connection" else []
+            if given:
                 raise ValueError(f"model.net {type(network).__name__} holds its own connection masks: drop "
-                                 "model.target_modules / exclude_modules / granularity, or give a plain network.")
+                                 f"model.init_args.{' / '.join(given)} (its init_density is model.net's), or give "
+                                 "a plain network.")
             return network
         if isinstance(network, DictInputNetwork):
             raise ValueError(f"lightning_modules.MorphoNet puts masks on image and tabular networks; "

@@ -89,7 +89,8 @@ class MaskedNetwork(MorphoNetwork):
         example_input: one batch the network accepts (traced by torch-pruning for ``unit``; checks ``export``).
         target_modules, exclude_modules: which Linear / Conv2d layers get masks (``models.targets``).
         granularity: ``connection`` or ``unit``.
-        init_density: initial probability that a mask entry (connection or unit) is on.
+        init_density: initial probability that a mask entry is on (default 0.4 for connections, as the spec; 1.0
+            for unit gates).
     """
 
     def __init__(
@@ -99,9 +100,11 @@ class MaskedNetwork(MorphoNetwork):
         target_modules: TargetModules = "all-linear",
         exclude_modules: TargetModules | None = None,
         granularity: Granularity = "connection",
-        init_density: float = 0.4,
+        init_density: float | None = None,
     ) -> None:
         super().__init__()
+        if init_density is None:  # the spec's 0.4 for connections; unit gates start open and are closed by training
+            init_density = 0.4 if granularity == "connection" else 1.0
         if granularity not in ("connection", "unit"):
             raise ValueError(f"granularity must be connection or unit, got {granularity!r}.")
         self.net, self.granularity, self.trace_input = net, granularity, example_input

@@ -114,12 +114,24 @@ class ConnectionMask(Mask):
 
 
 class UnitGate(Mask):
-    """One logit per channel of a coupled group (``channels`` entries); applied through ``GatedRows``."""
+    """One logit per channel of a coupled group (``channels`` entries); applied through ``GatedRows``.
+
+    In ``soft`` mode the gate is straight-through: its value is the hard gate 1[m > 0], its gradient that of
+    sigmoid(m / T). A soft gate would scale whole units by sigmoid(m / T) during training only, and the network
+    evaluated with hard gates would see every unit at another scale (measured on the FashionMNIST MLP: 96 % train,
+    65 % validation accuracy); a connection mask spreads that error over many connections per unit.
+    """
 
     def __init__(self, channels: int, init_density: float, weights_per_channel: int) -> None:
         super().__init__()
         self.init_mask((channels,), init_density)
         self.weights_per_mask_entry = max(int(weights_per_channel), 1)
+
+    def mask(self) -> Tensor:
+        if self.mask_mode == "hard":
+            return self.hard_mask()
+        soft = self.soft_mask()
+        return self.hard_mask() + soft - soft.detach()
 
 
 class GatedRows(nn.Module):

@@ -44,6 +44,7 @@ TOLERANCE = {  # measured largest differences in brackets
     "neumeta": (0.0, 0.0),  # the same generated tensors in a network built at deploy_width [0]
     "lora": (1e-6, 1e-5),  # (alpha / r) B A folded into W: rounding of the merge [1.7e-7 at logits of 0.3]
     "morphonet": (1e-6, 1e-5),  # hard mask folded into the weights, dead units removed [0; 1e-7 Transformer]
+    "structured_pruning": (0.0, 0.0),  # the pruned network is deployed as it is
     "layercollapse": (1e-5, 1e-5),  # Linear-PReLU(1)-Linear multiplied out [7e-7 MLP; 4.8e-6 VGG-11 at logits of 5.6]
 }
 
