@@ -132,6 +132,10 @@ class StructuredPruning(ClassificationModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         pruning = checkpoint.get("morphlab", {}).get("pruning", {})
+        if self.history and not pruning.get("history"):
+            raise ValueError(f"this checkpoint (epoch {checkpoint.get('epoch')}) was saved before the network was "
+                             f"pruned at epoch {self.pruned_at_epoch}: test the last checkpoint (test_ckpt: last) "
+                             "or one saved after pruning.")
         if pruning.get("history") and not self.history:
             self.history = pruning["history"]
             self.pruning_ratio, self.pruned_at_epoch = pruning["ratio"], pruning["epoch"]

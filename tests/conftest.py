@@ -89,6 +89,18 @@ TECHNIQUES = {  # small multi-epoch runs of every technique (crash/resume and DD
                   "schedule: cosine, warmup_epochs: 1, until: 0.75}}, {class_path: callbacks.ProgressivePruning, "
                   "init_args: {start: 0.3, every: 2, threshold: 0.45, to_target: true}}, "
                   "{class_path: callbacks.ConnectivityImages, init_args: {every_n_epochs: 2}}]"],
+    # unit gates on a plain MLP (models.masked_network): the intended schedule of the morphonet entry, gates open
+    "morphonet_unit": ["--config", "configs/fashion_mnist/mlp_morphonet_unit.yaml", *DIGITS, "--trainer.max_epochs=6",
+                       "--trainer.log_every_n_steps=1",
+                       "--model.init_args.net.init_args.hidden=[64, 64]", "--trainer.callbacks=["
+                       "{class_path: callbacks.TemperatureAnnealing, init_args: {start: 2.0, end: 0.5, interval: step, "
+                       "warmup_epochs: 1, until: 0.75}}, {class_path: callbacks.SparsityScheduler, init_args: {target: 0.5, "
+                       "schedule: cosine, warmup_epochs: 1, until: 0.75}}, {class_path: callbacks.ProgressivePruning, "
+                       "init_args: {start: 0.3, every: 2, threshold: 0.45, to_target: true}}]"],
+    # pruned at the start of epoch 1: the checkpoints after it hold the pruned structure, replayed on resume
+    "structured_pruning": ["--config", "configs/fashion_mnist/mlp_structured_pruning.yaml", *DIGITS,
+                           "--trainer.max_epochs=4", "--model.init_args.prune_epoch=1",
+                           "--model.init_args.net.init_args.hidden=[64, 64]"],
     "layercollapse": ["--config", "configs/fashion_mnist/layercollapse_progressive.yaml", *DIGITS, "--trainer.max_epochs=4",
                       "--model.init_args.net.init_args.hidden=[32, 64, 64]", "--model.init_args.lc_weight=10.0",
                       "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=0.02",
