@@ -75,6 +75,7 @@ EXPERIMENTS = sorted(
 
 
 DIGITS = ["--data", "datamodules.TabularDataModule", "--data.init_args.dataset=digits", "--data.init_args.batch_size=64"]
+VARIANTS = {"morphonet_unit": "morphonet"}  # TECHNIQUES entries that run a technique in a second mode
 TECHNIQUES = {  # small multi-epoch runs of every technique (crash/resume and DDP tests, slow)
     "baseline": ["--config", "configs/moons/baseline.yaml", "--model.init_args.net.init_args.dropout=0.2",
                  "--trainer.max_epochs=4"],
