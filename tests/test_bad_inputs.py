@@ -146,6 +146,7 @@ def test_constrained_types_are_not_postponed():
     assert not offenders, offenders
 
 
+@pytest.mark.slow  # a real run in a subprocess, up to minutes on a loaded machine (make test-reliability)
 def test_ctrl_c_ends_with_status_130(in_tmp):
     """A run interrupted by SIGINT (Ctrl-C) exits with 130, as a shell reports it, not as a finished run."""
     run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", *MOONS, "--trainer.max_epochs=2000",

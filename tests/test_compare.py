@@ -186,6 +186,7 @@ def compare_cmd(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "compare.py"), *args]
 
 
+@pytest.mark.slow  # about 2 min: real runs in subprocesses (make test-reliability)
 def test_a_suite_killed_midway_reruns_only_what_is_missing(tmp_path):
     suite_file = write_suite(tmp_path / "kill.yaml", KILL_SUITE)
     results = tmp_path / "results"
