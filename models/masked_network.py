@@ -64,15 +64,18 @@ def exactly_gateable(group: Any) -> bool:
     return read and not any(type(item.dep.target.module).__name__ == "_UnbindOp" for item in group)
 
 
-def coupled_groups(net: nn.Module, example_input: Any, output_name: str) -> tuple[tp.DependencyGraph, list[Any]]:
-    """torch-pruning's groups of coupled output channels of ``net`` (the output layer's group excluded)."""
+def dependency_graph(net: nn.Module, example_input: Any) -> tp.DependencyGraph:
+    """torch-pruning's ``DependencyGraph`` of ``net`` traced on ``example_input``."""
     # torch-pruning traces the autograd graph: gradients on, and out of the inference mode Lightning tests in
     with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         # cls tokens / position embeddings: groups holding them are never gated or pruned here
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_input)
-    groups = list(graph.get_all_groups(ignored_layers=[net.get_submodule(output_name)], root_module_types=MASKABLE))
-    return graph, groups
+        return tp.DependencyGraph().build_dependency(net, example_inputs=example_input)
+
+
+def coupled_groups(graph: tp.DependencyGraph, net: nn.Module, output_name: str) -> Iterator[Any]:
+    """The graph's groups of coupled output channels of ``net`` (the output layer's group excluded)."""
+    return graph.get_all_groups(ignored_layers=[net.get_submodule(output_name)], root_module_types=MASKABLE)
 
 
 def _export_check_input(example_input: Any) -> Any:
@@ -118,7 +121,7 @@ class MaskedNetwork(MorphoNetwork):
 
     def _add_unit_gates(self, targets: dict[str, nn.Module], init_density: float) -> None:
         was_training = self.net.training
-        _, groups = coupled_groups(self.net.eval(), self.trace_input, self.output_name)
+        groups = list(coupled_groups(dependency_graph(self.net.eval(), self.trace_input), self.net, self.output_name))
         self.net.train(was_training)
         wanted = {id(m) for m in targets.values()}
         gated = 0
@@ -168,8 +171,8 @@ class MaskedNetwork(MorphoNetwork):
         """The deployed network: hard mask folded in, channels zero in every producer removed (torch-pruning)."""
         reference = self.hard_plain(prune_threshold)
         plain = copy.deepcopy(reference)
-        graph, _ = coupled_groups(plain, self.trace_input, self.output_name)
-        for group in graph.get_all_groups(ignored_layers=[plain.get_submodule(self.output_name)], root_module_types=MASKABLE):
+        graph = dependency_graph(plain, self.trace_input)
+        for group in coupled_groups(graph, plain, self.output_name):
             dead = _zero_channels(group)
             if dead:
                 graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
