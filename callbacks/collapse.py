@@ -85,7 +85,7 @@ class ProgressiveCollapse(Callback):
             rank_zero_info(f"[layercollapse] epoch {epoch}: collapsed {block}")
         else:
             self.skipped.append(block)
-            slope = pl_module.selected_blocks()[block].slope()
+            slope = pl_module.slopes()[block]
             rank_zero_info(f"[layercollapse] epoch {epoch}: {block} not collapsible (slope {slope:.4f}); moving on")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -3,16 +3,8 @@
 from models.backbone import BackboneClassifier
 from models.bert import BertClassifier
 from models.convnet import ConvNet
-from models.layercollapse import (
-    CollapsibleBlock,
-    CollapsibleMLP,
-    collapse_chain,
-    collapse_sequential,
-    collapse_vgg_classifier,
-    convert_vgg_classifier,
-    collapsible_from_mlp,
-    convert_vit_mlps_,
-)
+from models.layercollapse import CollapsibleBlock, CollapsibleMLP, collapse_chain
+from models.collapse_chains import collapse_chains_, find_chains, to_prelu_
 from models.collapsible_vgg import CollapsibleVGG
 from models.lrunet import LruNet
 from models.mixer import MLPMixer
@@ -26,8 +18,7 @@ from models.neumeta_targets import NeuMetaCNN, NeuMetaHead, NeuMetaResidual, Neu
 
 __all__ = ["MLP", "ConvNet", "BackboneClassifier", "BertClassifier", "SharedCoreMLP", "ShapeSharedBert",
            "MorphoMLP", "MorphoCNN", "MorphoTransformer", "CollapsibleBlock", "CollapsibleMLP", "collapse_chain",
-           "collapse_sequential", "convert_vgg_classifier", "collapse_vgg_classifier", "convert_vit_mlps_",
-           "collapsible_from_mlp", "CollapsibleVGG", "MLPMixer",
+           "find_chains", "to_prelu_", "collapse_chains_", "CollapsibleVGG", "MLPMixer",
            "LruNet", "MobileNetV1", "MobileNetV2Small", "ShuffleNetV1", "ShuffleNetV2Small",
            "NeuMetaHead", "NeuMetaResidual", "NeuMetaCNN", "NeuMetaResNet20", "TorchvisionNet", "TimmNet",
            "MaskedNetwork", "apply_masks"]

@@ -1,25 +1,18 @@
-"""LayerCollapse: single-slope PReLU blocks that can be folded into one Linear (spec: shared/specs/layercollapse_lrunet.md A).
+"""LayerCollapse's algebra and the lab's collapsible architectures (spec: shared/specs/layercollapse_lrunet.md A).
 
-A ``CollapsibleBlock`` is ``fc1 -> PReLU(one slope a) -> Dropout -> (BatchNorm1d) -> fc2``. Training adds
-``lambda * sum (a - 1)^2`` (``lightning_modules.LayerCollapse``) to pull the slopes towards 1; a block with
-``|a - 1| < tau`` is then replaced by one ``nn.Linear``. Collapse uses eval semantics and treats the slope as
-exactly 1, so the collapsed model equals the *linearised* model (slope forced to 1) up to rounding, and differs
-from the trained PReLU model by at most ``|a - 1| * ||W2|| * |min(z, 0)|`` (spec A5/A6).
+A chain ``fc1 -> PReLU(one slope a) -> Dropout -> (BatchNorm1d) -> fc2`` (``models.collapse_chains`` finds them in
+any network; ``CollapsibleBlock`` is one built so) is trained with ``lambda * sum (a - 1)^2``
+(``lightning_modules.LayerCollapse``) to pull the slopes towards 1; a chain with ``|a - 1| < tau`` is then
+replaced by one ``nn.Linear``. Collapse uses eval semantics and treats the slope as exactly 1, so the collapsed
+model equals the *linearised* model (slope forced to 1) up to rounding, and differs from the trained PReLU model
+by at most ``|a - 1| * ||W2|| * |min(z, 0)|`` (spec A5/A6).
 
 Algebra (A6), with the optional eval-mode BatchNorm written as the affine map ``z -> s * z + t``,
 ``s = gamma / sqrt(running_var + eps)``, ``t = beta - s * running_mean``: a chain ``L_1, BN_1, L_2, ..., L_k``
 collapses to ``W = W_k diag(s_{k-1}) W_{k-1} ... W_1`` and the matching bias (each BN folded into the Linear
 before it by torch's ``fuse_linear_bn_weights``, then the products); dropout (identity in eval) is dropped.
-Missing biases count as zero. Not handled (rejected): per-channel PReLU, 1x1-conv MLPs, BN without running
-statistics.
-
-Conversions (A7): ``convert_vgg_classifier`` turns the two ReLUs of a torchvision VGG classifier into
-single-slope PReLUs with a0 = 0 (function preserving); ``collapse_vgg_classifier`` folds the runs of linear
-layers whose activations are within tau of 1 (both -> one ``Linear(25088, 1000)``). ``convert_vit_mlps_``
-(``collapsible_from_mlp``) turns the MLPs of the last k blocks of a torchvision ViT (or any
-``Linear, GELU, Dropout, Linear`` MLP, timm's ``Mlp`` included) into ``CollapsibleBlock``s with PReLU(a0 = 0.01);
-this *changes* the function and needs fine-tuning before the slope is near 1. ``models.mixer`` does the same for
-MLP-Mixer blocks and ``models.collapsible_vgg`` is the custom CIFAR VGG.
+Missing biases count as zero. Not handled: per-channel PReLU, 1x1-conv MLPs, BN without running statistics.
+``models.mixer`` and ``models.collapsible_vgg`` are the lab's own Mixer and CIFAR VGG.
 """
 
 import math
@@ -31,10 +24,6 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
 from constraints import Fraction, PositiveInt
-
-
-def _is_single_prelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.PReLU) and m.weight.numel() == 1
 
 
 def _fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d | None) -> tuple[Tensor, Tensor | None]:
@@ -95,17 +84,6 @@ class CollapsibleBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.norm(self.drop(self.act(self.fc1(x)))))
 
-    def slope(self) -> float:
-        return float(self.act.weight.detach().reshape(()))
-
-    def collapsible(self, tau: float = 0.05) -> bool:
-        return abs(self.slope() - 1.0) < tau
-
-    def collapse(self) -> nn.Linear:
-        """The eval-mode, slope-treated-as-1 map as one ``nn.Linear`` (does not check ``collapsible``)."""
-        bn = self.norm if isinstance(self.norm, nn.BatchNorm1d) else None
-        return collapse_chain([self.fc1, self.fc2], [bn])
-
 
 class CollapsibleMLP(nn.Module):
     """VGG-head-like classifier on flattened inputs with the last ``collapsible_last`` hidden layers collapsible.
@@ -120,7 +98,7 @@ class CollapsibleMLP(nn.Module):
     where ``out_j = num_classes`` for the last block and ``hidden[n-c+j]`` otherwise. ``hidden=(512, 512), c=1``:
     Flatten -> Linear(D, 512) -> ReLU -> Dropout -> CollapsibleBlock(512, 512, classes). Dropout modules are only
     present for ``dropout > 0``. A collapsed ``block{j}`` becomes an ``nn.Linear`` under the same name, so
-    ``rebuild_collapsed_(mlp, ["layers.block{j}"])`` rebuilds the architecture for ``load_state_dict``.
+    ``models.collapse_chains.rebuild_collapsed_chains_`` rebuilds the architecture for ``load_state_dict``.
     """
 
     def __init__(
@@ -157,176 +135,3 @@ class CollapsibleMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
-
-    def blocks(self) -> list[tuple[str, CollapsibleBlock]]:
-        """The not-yet-collapsed blocks, in order, with their names in ``self.layers``."""
-        return [(n, m) for n, m in self.layers.named_children() if isinstance(m, CollapsibleBlock)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Collapse by module path (any network that contains CollapsibleBlocks: MLPs, Mixers, VGG heads)
-
-
-def collapsible_blocks(root: nn.Module) -> dict[str, CollapsibleBlock]:
-    """Every not-yet-collapsed ``CollapsibleBlock`` of ``root`` by module path, in registration order."""
-    return {name: m for name, m in root.named_modules() if isinstance(m, CollapsibleBlock)}
-
-
-@torch.no_grad()
-def collapse_blocks_(root: nn.Module, names: Sequence[str]) -> list[str]:
-    """Replace the ``CollapsibleBlock`` at each module path by its collapsed ``nn.Linear`` (slope taken as 1,
-    whatever it is: check ``collapsible(tau)`` first). In place; returns ``names``."""
-    for name in names:
-        block = root.get_submodule(name)
-        if not isinstance(block, CollapsibleBlock):
-            raise ValueError(f"{name!r} is a {type(block).__name__}, not a CollapsibleBlock; cannot collapse it.")
-        root.set_submodule(name, block.collapse())
-    return list(names)
-
-
-def rebuild_collapsed_(root: nn.Module, names: Sequence[str]) -> None:
-    """Give ``root`` the architecture it had after ``collapse_blocks_(root, names)``: each named block becomes a
-    zero-initialised ``nn.Linear`` of the collapsed shape, ready for ``load_state_dict`` (checkpoints store only
-    the names). Already-collapsed names are skipped; unknown names are refused."""
-    for name in names:
-        try:
-            block = root.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the checkpoint collapsed block {name!r}, which this network does not have.") from None
-        if isinstance(block, nn.Linear):
-            continue
-        if not isinstance(block, CollapsibleBlock):
-            raise ValueError(f"the checkpoint collapsed {name!r}, but here it is a {type(block).__name__}.")
-        ref = block.fc1.weight
-        lin = nn.Linear(block.fc1.in_features, block.fc2.out_features, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(lin.weight)
-        nn.init.zeros_(lin.bias)
-        root.set_submodule(name, lin)
-
-
-def collapsible_from_mlp(mlp: nn.Module, slope_init: float = 0.01) -> nn.Module:
-    """A ``CollapsibleBlock`` with the weights of a transformer/Mixer MLP, its activation (GELU) replaced by a
-    single-slope PReLU(slope_init) (spec A7: this CHANGES the function; fine-tune with the regulariser next).
-
-    Accepts torchvision's ``MLPBlock`` / any ``Sequential(Linear, act, Dropout, Linear[, Dropout])`` and timm's
-    ``Mlp`` (attributes ``fc1, act, drop1, norm, fc2, drop2``; its norm must be Identity). A dropout after the
-    second Linear is kept: the result is then ``Sequential(block, Dropout)``.
-    """
-    if isinstance(mlp, nn.Sequential):
-        linears = [m for m in mlp if isinstance(m, nn.Linear)]
-        drops = [m for m in mlp if isinstance(m, nn.Dropout)]
-        others = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
-        if len(linears) != 2 or len(others) != 1 or not 1 <= len(drops) <= 2 or not isinstance(mlp[0], nn.Linear):
-            raise ValueError("expected Sequential(Linear, activation, Dropout, Linear[, Dropout]).")
-        fc1, fc2, drop1 = linears[0], linears[1], drops[0]
-        drop2 = mlp[-1] if isinstance(mlp[-1], nn.Dropout) and len(drops) == 2 else None
-    elif all(hasattr(mlp, a) for a in ("fc1", "fc2")):
-        fc1, fc2, drop1, drop2 = mlp.fc1, mlp.fc2, getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)
-        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-            raise ValueError("an MLP with a norm between fc1 and fc2 is not supported (only Identity).")
-    else:
-        raise ValueError(f"cannot convert a {type(mlp).__name__}: need fc1/fc2 attributes or a Linear-act-Linear Sequential.")
-    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
-        raise ValueError("fc1 and fc2 must be nn.Linear (1x1-conv MLPs are not supported, spec A6.6).")
-    p1 = drop1.p if isinstance(drop1, nn.Dropout) else 0.0
-    ref = fc1.weight
-    block = CollapsibleBlock(fc1.in_features, fc1.out_features, fc2.out_features, slope_init, p1).to(ref.device, ref.dtype)
-    with torch.no_grad():
-        for dst, src in ((block.fc1, fc1), (block.fc2, fc2)):
-            dst.weight.copy_(src.weight)
-            if src.bias is not None:
-                dst.bias.copy_(src.bias)
-            else:  # missing biases count as zero (A6.6)
-                dst.bias.zero_()
-    if isinstance(drop2, nn.Dropout) and drop2.p > 0:
-        return nn.Sequential(block, nn.Dropout(drop2.p))
-    return block
-
-
-# --------------------------------------------------------------------------------------------------------
-# Conversions of torchvision models
-
-
-def _linear_in_eval(m: nn.Module, tau: float) -> bool:
-    """True for modules that are affine (or identity) in eval mode once a near-1 slope is treated as 1."""
-    if _is_single_prelu(m):
-        return abs(float(m.weight.detach().reshape(())) - 1.0) < tau
-    return isinstance(m, (nn.Dropout, nn.Identity, nn.BatchNorm1d))
-
-
-@torch.no_grad()
-def collapse_sequential(seq: nn.Sequential, tau: float = 0.05) -> tuple[nn.Sequential, int]:
-    """Fold every run ``Linear, (collapsible PReLU | Dropout | BatchNorm1d | Identity)*, Linear, ...`` of ``seq``
-    into one Linear (at most one BatchNorm1d between two Linears). Returns the new Sequential and the number of
-    Linear layers removed. Modules not inside a folded run are kept (same objects)."""
-    out: list[nn.Module] = []
-    chain: list[nn.Linear] = []
-    norms: list[nn.BatchNorm1d | None] = []
-    tail: list[nn.Module] = []
-    removed = 0
-
-    def flush() -> None:
-        nonlocal removed
-        if chain:
-            out.append(chain[0] if len(chain) == 1 else collapse_chain(chain, norms))
-            removed += len(chain) - 1
-        out.extend(tail)
-        chain.clear(), norms.clear(), tail.clear()
-
-    for m in seq:
-        if isinstance(m, nn.Linear):
-            bns = [t for t in tail if isinstance(t, nn.BatchNorm1d)]
-            if chain and len(bns) <= 1 and all(_linear_in_eval(t, tau) for t in tail):
-                chain.append(m)
-                norms.append(bns[0] if bns else None)
-                tail.clear()
-                continue
-            flush()
-            chain.append(m)
-        elif chain:
-            tail.append(m)
-        else:
-            out.append(m)
-    flush()
-    return nn.Sequential(*out), removed
-
-
-def _replace_with_prelu(seq: nn.Sequential, kind: type[nn.Module], slope_init: float) -> int:
-    """Swap every ``kind`` activation of ``seq`` for a single-slope PReLU(slope_init); returns how many."""
-    ref = next(seq.parameters())
-    hits = 0
-    for i, m in enumerate(seq):
-        if isinstance(m, kind):
-            seq[i] = nn.PReLU(num_parameters=1, init=slope_init).to(device=ref.device, dtype=ref.dtype)
-            hits += 1
-    return hits
-
-
-def convert_vgg_classifier(vgg: nn.Module, slope_init: float = 0.0) -> nn.Module:
-    """Replace the ReLUs of ``vgg.classifier`` (torchvision VGG: indices 1 and 4) by single-slope PReLU(a0).
-    With a0 = 0 the function is unchanged. Modifies ``vgg`` in place and returns it."""
-    if _replace_with_prelu(vgg.classifier, nn.ReLU, slope_init) == 0:
-        raise ValueError("vgg.classifier has no ReLU to convert.")
-    return vgg
-
-
-def collapse_vgg_classifier(vgg: nn.Module, tau: float = 0.05) -> int:
-    """Collapse the (converted) classifier in place: activations with ``|a - 1| < tau`` are treated as identity and
-    the Linear layers around them folded (both -> one ``Linear(25088, 1000)``). Returns the number of Linear layers
-    removed (0 if nothing was collapsible)."""
-    vgg.classifier, removed = collapse_sequential(vgg.classifier, tau)
-    return removed
-
-
-def convert_vit_mlps_(vit: nn.Module, last_k: int, slope_init: float = 0.01) -> list[str]:
-    """Turn the MLPs of the last ``last_k`` encoder blocks of a torchvision ``VisionTransformer`` into
-    ``CollapsibleBlock``s (``collapsible_from_mlp``: GELU -> PReLU(a0), which changes the function; fine-tune).
-    In place; returns the converted module paths. The residual around each MLP is untouched (A6.7)."""
-    layers = list(vit.encoder.layers.named_children())
-    if not 1 <= last_k <= len(layers):
-        raise ValueError(f"last_k must be in [1, {len(layers)}], got {last_k}.")
-    names = []
-    for name, layer in layers[-last_k:]:
-        layer.mlp = collapsible_from_mlp(layer.mlp, slope_init)
-        names.append(f"encoder.layers.{name}.mlp")
-    return names

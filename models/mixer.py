@@ -3,8 +3,8 @@
 Input ``(C, H, W)`` -> patches ``(B, P, D)`` by a ``patch x patch`` strided conv, P = (H/patch)(W/patch). Each
 block is ``x <- x + MLP_tok(LN(x)^T)^T`` (token mixing, along the patch axis) then ``x <- x + MLP_ch(LN(x))``
 (channel mixing), with ``MLP = Linear -> GELU -> Dropout -> Linear -> Dropout``; the head is LN, the mean over
-patches and a Linear. ``convert_mixer_block_`` swaps both MLPs of a block for ``CollapsibleBlock``s that keep
-fc1/fc2 and replace GELU by PReLU(a0) (the function changes; fine-tune). Collapsed, ``MLP_tok`` is one P x P
+patches and a Linear. ``convert_mixer_block_`` gives both MLPs of a block a single-slope PReLU(a0) for their
+GELU (``models.collapse_chains.to_prelu_``; the function changes, fine-tune). Collapsed, ``MLP_tok`` is one P x P
 Linear and ``MLP_ch`` one D x D Linear; the residuals and LayerNorms stay (LN is not affine per sample, A6.7).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from constraints import Fraction, NonNegativeInt, PositiveInt
-from models.layercollapse import collapsible_from_mlp
+from models.collapse_chains import find_chains, to_prelu_
 
 
 def feed_forward(width: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -34,9 +34,8 @@ class MixerBlock(nn.Module):
 
 
 def convert_mixer_block_(block: MixerBlock, slope_init: float = 0.01) -> MixerBlock:
-    """Both MLPs of ``block`` -> ``CollapsibleBlock`` (weights kept, GELU -> PReLU(slope_init)). In place."""
-    block.token_mlp = collapsible_from_mlp(block.token_mlp, slope_init)
-    block.channel_mlp = collapsible_from_mlp(block.channel_mlp, slope_init)
+    """Both MLPs of ``block``: GELU -> PReLU(slope_init), weights kept. In place."""
+    to_prelu_(block, find_chains(block), slope_init)
     return block
 
 

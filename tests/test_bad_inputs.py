@@ -97,7 +97,7 @@ CASES = {  # name: (arguments after "fit", a fragment the one-line error must co
                                            "callbacks.SparsityScheduler drives lightning_modules.MorphoNet (model.class_path), not Baseline"),
     "a LayerCollapse callback on a Baseline": ([*MOONS, "--trainer.callbacks+=callbacks.CollapseBlocks"],
                                                "callbacks.CollapseBlocks drives lightning_modules.LayerCollapse (model.class_path), not Baseline"),
-    "LayerCollapse selects no block": ([*DIGITS_LC, "--model.init_args.block_names=[nothing]"], "has no CollapsibleBlock matching"),
+    "LayerCollapse selects no chain": ([*DIGITS_LC, "--model.init_args.target_modules=[nothing]"], "has no collapsible chain"),
     "cosine without T_max on a step-limited run": ([*MOONS, "--model.init_args.lr_scheduler=lightning_modules.schedules.CosineAnnealingLR",
                                                     "--trainer.max_epochs=-1", "--trainer.max_steps=5"],
                                                    "CosineAnnealingLR without T_max follows trainer.max_epochs"),

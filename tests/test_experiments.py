@@ -158,11 +158,12 @@ def compare_deployed(module, x: Any, own: torch.Tensor) -> float:
         assert torch.equal(logits(deployed, x), logits(module.net, x))
         linear = copy.deepcopy(module)
         with torch.no_grad():
-            for block in linear.selected_blocks().values():
-                block.act.weight.fill_(1.0)
-        assert set(linear.collapsible_now()) == set(linear.selected_blocks())
+            for chain in linear.chains.values():
+                linear.net.get_submodule(chain.act).weight.fill_(1.0)
+        assert set(linear.collapsible_now()) == set(linear.chains)
         own, deployed = logits(linear.net, x), linear.deployed_model()
-        assert not any(type(m).__name__ == "CollapsibleBlock" for m in deployed.modules())
+        prelus = lambda net: sum(isinstance(m, torch.nn.PReLU) for m in net.modules())  # noqa: E731
+        assert prelus(deployed) == prelus(linear.net) - len(linear.chains)  # every selected chain is one Linear now
     # baseline, morphreuse, lrunet: the network itself; lora: merged vs unmerged; neumeta: the generated weights in a
     # network of width deploy_width vs the template run with them (forward)
     return assert_same_predictions(own, logits(deployed, x), technique)

@@ -12,7 +12,6 @@ import yaml
 
 from parsing import parser_refuses
 from conftest import ROOT, quiet, resolved_config, run_cli, summary
-from models.layercollapse import collapsible_blocks
 from lightning_modules import LayerCollapse
 from models import CollapsibleMLP
 from models.plain_export import load_exported
@@ -57,7 +56,7 @@ def test_collapsed_structure_is_rebuilt_from_the_checkpoint():
     torch.manual_seed(0)
     module = LayerCollapse(net=lambda s, c: CollapsibleMLP(s, c, hidden=[8, 16]), input_shape=(4,), num_classes=3)
     with torch.no_grad():
-        dict(module.net.blocks())["block0"].act.weight.fill_(0.99)
+        module.net.layers.block0.act.weight.fill_(0.99)
     assert module.collapse_in_place() == ["layers.block0"]
     checkpoint = {"state_dict": module.state_dict(), "morphlab": {}}
     module.on_save_checkpoint(checkpoint)
@@ -101,7 +100,7 @@ def test_progressive_collapse_goes_top_down_and_resumes_exactly(in_tmp):
     module = straight.model
     # block1 was regularised alone in epochs 0-1 and collapsed, then block0 in epochs 2-3; epoch 4 fine-tunes
     assert module.collapsed_blocks == ["layers.block1", "layers.block0"]
-    assert isinstance(module.net.layers.block0, torch.nn.Linear) and not collapsible_blocks(module.net)
+    assert isinstance(module.net.layers.block0, torch.nn.Linear) and not any(isinstance(m, torch.nn.PReLU) for m in module.net.modules())
     assert module.controls.active_blocks == [] and module.regularization() is None
     # the optimizer trains the merged Linears and nothing else
     params = {id(p) for g in straight.trainer.optimizers[0].param_groups for p in g["params"]}
@@ -138,7 +137,7 @@ def test_regulariser_sees_only_the_active_block():
                          num_classes=3, last_k_blocks=1)
     last.collapse_in_place(["layers.block1"])  # "last k" stays the same blocks after a collapse
     module = last
-    assert module.selected_block_names() == ["layers.block1"] and module.selected_blocks() == {}
+    assert module.selected_block_names() == ["layers.block1"] and module.slopes() == {}
 
 
 def test_collapse_blocks_callback_collapses_in_training(in_tmp):
