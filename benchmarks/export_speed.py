@@ -28,7 +28,10 @@ from models.plain_export import load_exported  # noqa: E402
 
 
 def deployed_of(run_dir: Path) -> torch.nn.Module:
-    """The run's exported network, or the deployed network of the checkpoint its summary names."""
+    """The run's exported network, or the deployed network of the checkpoint its summary names; a ``.pt`` file
+    given instead of a run (``uncollapsed.pt``) is that network."""
+    if run_dir.is_file():
+        return load_exported(run_dir).eval()
     exported = run_dir / "exported.pt"
     if exported.exists():
         return load_exported(exported).eval()

@@ -251,10 +251,28 @@ class LayerCollapse(ClassificationModule):
                                   before=self.collapsed_blocks)
         self.collapsed_blocks = names
 
+    @torch.no_grad()
+    def collapse_error(self, deployed: nn.Module) -> dict[str, float]:
+        """Max |logit difference| on a random batch between the deployed network and (a) the network with the
+        collapsed chains' slopes set to 1, which the collapse must equal, (b) the network as trained."""
+        if hasattr(self.net, "example_input"):
+            return {}
+        x = torch.randn(64, *self.input_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        linear = copy.deepcopy(self.net).eval()
+        for name in self.collapsible_now():
+            linear.get_submodule(self.chains[name].act).weight.fill_(1.0)
+        y = deployed.eval()(x)
+        return {"vs_linearised": float((y - linear(x)).abs().max()),
+                "vs_trained": float((y - copy.deepcopy(self.net).eval()(x)).abs().max()),
+                "logit_scale": float(y.abs().max())}
+
     def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         original = self.net_factory(self.input_shape, self.num_classes)
         return {
             "layercollapse": {
+                "chains_found": len(find_chains(original)),
+                "chains_selected": len(self.chains),
+                "collapse_max_abs_diff": self.collapse_error(deployed),
                 "slopes": {name: round(value, 5) for name, value in self.slopes().items()},
                 "conversion_change": self.conversion_change,
                 "collapsed_in_training": list(self.collapsed_blocks),

@@ -27,15 +27,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules import LayerCollapse, LoRA, MorphoNet
+from lightning_modules import LayerCollapse, LoRA, MorphoNet, MorphReuse
 from models import MLP, TimmNet, TorchvisionNet
-from models.accounting import count_nonzero, flops_per_sample
+from models.accounting import count_dense_equivalent, count_nonzero, flops_per_sample
+from models.morphreuse import CoreAdapter, ShapeSharedLinear
 from models.bert import BertClassifier
 from models.targets import output_layer
 
 NETWORKS = {
     # name: (factory, input shape, LoRA target_modules or LoRA arguments)
-    "lab-mlp": (functools.partial(MLP, hidden=(64, 32)), (1, 28, 28), "all-linear"),
+    "lab-mlp": (functools.partial(MLP, hidden=(64, 64, 64)), (1, 28, 28), "all-linear"),
     "tv-resnet18": (functools.partial(TorchvisionNet, name="resnet18"), (1, 28, 28), r"model\.layer\d\.\d\.conv\d"),
     "tv-mobilenet_v3_small": (functools.partial(TorchvisionNet, name="mobilenet_v3_small"), (1, 28, 28),
                               ["classifier.0"]),
@@ -51,11 +52,19 @@ TECHNIQUES = {
     "morphonet-unit": lambda targets: (MorphoNet, {"granularity": "unit", "target_modules": "all",
                                                     "init_density": 0.5}),
     "layercollapse": lambda targets: (LayerCollapse, {"target_modules": "all"}),
+    "morphreuse-shape": lambda targets: (MorphReuse, {"variant": "shape_shared", "target_modules": "all-linear"}),
+    "morphreuse-core": lambda targets: (MorphReuse, {"variant": "shared_core", "target_modules": "all-linear",
+                                                     "core_dim": 16}),
     "lora": lambda targets: (LoRA, {"r": 2, **(targets if isinstance(targets, dict) else {"target_modules": targets})}),
 }
 NUM_CLASSES = 10
 CANNOT = {  # (technique, network): the refusal's words
     ("layercollapse", "tv-resnet18"): "TorchvisionNet(resnet18) has no collapsible chain",
+    # a ResNet's only Linear is its classifier, which all-linear leaves out; MobileNetV3's two have two shapes
+    ("morphreuse-shape", "tv-resnet18"): "selects no Linear layer of TorchvisionNet(resnet18)",
+    ("morphreuse-core", "tv-resnet18"): "selects no Linear layer of TorchvisionNet(resnet18)",
+    ("morphreuse-core", "tv-mobilenet_v3_small"): "selects one Linear layer of TorchvisionNet(mobilenet_v3_small)",
+    ("morphreuse-shape", "tv-mobilenet_v3_small"): "no two target layers of TorchvisionNet(mobilenet_v3_small) have the same shape",
 }
 
 
@@ -116,6 +125,10 @@ def test_technique_on_network(technique, network, tmp_path):
     reference = module.net.hard_plain() if isinstance(module, MorphoNet) else module.net
     assert count_nonzero(deployed) <= count_nonzero(reference) + sum(
         p.numel() for n, p in module.net.named_parameters() if "lora_" in n)
+    if technique.startswith("morphreuse"):  # the shared tensors are stored once and used by several layers
+        stored = sum(p.numel() for p in deployed.parameters())
+        assert count_dense_equivalent(deployed) > stored and module.net.uses()
+        assert all(isinstance(deployed.net.get_submodule(n), (ShapeSharedLinear, CoreAdapter)) for n in module.net.targets)
     if technique == "layercollapse":  # every chain collapsed: fewer parameters, fewer FLOPs
         assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in module.net.parameters())
     if technique in ("morphonet-unit", "layercollapse"):
@@ -147,6 +160,13 @@ REFUSALS = {
         lambda: MorphoNet(functools.partial(__import__("models").MorphoMLP, hidden=(8,)), (1, 28, 28), 10,
                           granularity="unit"),
         "holds its own connection masks"),
+    "MorphReuse preset with targets": (
+        lambda: MorphReuse(functools.partial(__import__("models").SharedCoreMLP), (1, 28, 28), 10, target_modules=["fc"]),
+        "SharedCoreMLP shares its weights by construction: drop model.init_args.target_modules"),
+    "MorphReuse token-dict network": (
+        lambda: MorphReuse(functools.partial(BertClassifier, encoder="random-tinybert", cache_frozen_prefix=False),
+                           (16,), 2),
+        "BertClassifier takes token dicts: use models.ShapeSharedBert"),
     "unknown torchvision name": (lambda: TorchvisionNet((1, 28, 28), 10, name="resnet7"),
                                  "'resnet7' is not a torchvision model"),
     "unknown timm name": (lambda: TimmNet((1, 28, 28), 10, name="vit_nonexistent"), "'vit_nonexistent' is not a timm model"),
