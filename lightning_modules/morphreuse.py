@@ -5,8 +5,6 @@ any other network gets its target ``nn.Linear`` layers replaced by shared-weight
 (``models.reuse_network.ReusedNetwork``: ``shape_shared`` or ``shared_core``), then trains like any classifier.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any
 

@@ -16,8 +16,6 @@ tensor once, its gradient is the sum over its uses, and ``models.accounting`` co
 equivalent. The deployed network is the network itself: reuse is what makes it small.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import torch

@@ -41,6 +41,7 @@ train.main()
 """
 
 
+@pytest.mark.slow  # subprocess runs killed mid-write, over a minute (make test-reliability)
 def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_checkpoints(in_tmp):
     args = ["fit", *MOONS, "--trainer.max_epochs=4", *quiet(in_tmp)]
     crashed = subprocess.run([sys.executable, "-c", DYING_WRITER, "3", *args], cwd=ROOT, capture_output=True, text=True,
