@@ -45,6 +45,9 @@ NETWORKS = {
     # timm initialises the Mixer's classifier to zero: frozen, it would pass no gradient to the adapters
     "timm-mixer": (functools.partial(TimmNet, name="mixer_s16_224"), (3, 32, 32),
                    {"target_modules": ["fc1", "fc2"], "modules_to_save": ["head"]}),
+    # a BERT-shaped random encoder (transformers' BertForSequenceClassification, 4 layers, 312 wide), token dicts
+    "hf-bert": (functools.partial(BertClassifier, encoder="random-tinybert", cache_frozen_prefix=False), (16,),
+                {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}),
 }
 TECHNIQUES = {
     "morphonet-connection": lambda targets: (MorphoNet, {"granularity": "connection", "target_modules": "all",
@@ -59,6 +62,11 @@ TECHNIQUES = {
 }
 NUM_CLASSES = 10
 CANNOT = {  # (technique, network): the refusal's words
+    # token dicts: the lab's own text networks are the way (models.MorphoTransformer, models.ShapeSharedBert)
+    **{(t, "hf-bert"): "BertClassifier takes token dicts" for t in
+       ("morphonet-connection", "morphonet-unit", "morphreuse-shape", "morphreuse-core")},
+    # a BERT FFN's two Linears sit in two modules (BertIntermediate, BertOutput) with a residual around the second
+    ("layercollapse", "hf-bert"): "BertClassifier has no collapsible chain",
     ("layercollapse", "tv-resnet18"): "TorchvisionNet(resnet18) has no collapsible chain",
     # a ResNet's only Linear is its classifier, which all-linear leaves out; MobileNetV3's two have two shapes
     ("morphreuse-shape", "tv-resnet18"): "selects no Linear layer of TorchvisionNet(resnet18)",
@@ -68,6 +76,15 @@ CANNOT = {  # (technique, network): the refusal's words
 }
 
 
+def inputs(network: str, n: int, generator: torch.Generator) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+    """``n`` random samples for ``network``: images, or token-id dicts (as the SST-2 datamodule gives them)."""
+    shape = NETWORKS[network][1]
+    if network != "hf-bert":
+        return torch.randn(n, *shape, generator=generator)
+    ids = torch.randint(1000, 5000, (n, *shape), generator=generator)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+
+
 def build(technique: str, network: str) -> nn.Module:
     factory, shape, lora_targets = NETWORKS[network]
     cls, kwargs = TECHNIQUES[technique](lora_targets)
@@ -75,7 +92,7 @@ def build(technique: str, network: str) -> nn.Module:
     module = cls(factory, shape, NUM_CLASSES, **kwargs)
     with torch.no_grad():  # timm and torchvision start some classifiers at zero: the invariants would compare zeros
         head = module.net.get_submodule(output_layer(module.net))
-        if not isinstance(module, LoRA) and not head.weight.any():
+        if not isinstance(module, LoRA) and not head.weight.any():  # (LoRA: peft's modules_to_save trains it)
             head.weight.normal_(0.0, 0.1)
     return module
 
@@ -104,7 +121,7 @@ def test_technique_on_network(technique, network, tmp_path):
     module = build(technique, network)
     shape = NETWORKS[network][1]
     generator = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(16, *shape, generator=generator), torch.randint(0, NUM_CLASSES, (16,), generator=generator))
+    data = list(zip(inputs(network, 16, generator), torch.randint(0, NUM_CLASSES, (16,), generator=generator)))
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer = Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
@@ -113,7 +130,8 @@ def test_technique_on_network(technique, network, tmp_path):
     changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, "two training steps changed no trainable parameter"
 
-    x = torch.randn(4, *shape, generator=generator)
+    x = inputs(network, 4, generator)
+    x = x if isinstance(x, torch.Tensor) else torch.utils.data.default_collate(x)
     want = own_logits(module, x)
     deployed = module.deployed_model().eval()
     with torch.no_grad():
