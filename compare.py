@@ -22,6 +22,7 @@ from comparison.report import (
     collect,
     log_to_tensorboard,
     markdown_table,
+    read_csv,
     splice_readme,
     tradeoff_figure,
     write_csv,
@@ -34,6 +35,13 @@ def report(suite: Suite, results: Path, readme: Path | None = None) -> str:
     out = results / suite.name
     labels = [e.label for e in suite.experiments]
     records = [r for r in collect(out / "runs", finished_only=True) if r["experiment"] in labels]
+    # results.csv is the record: runs measured elsewhere (another checkout, whose run directories are not here)
+    # stay in it until they are run again here
+    here = {(r["experiment"], r["run"]) for r in records}
+    kept = [r for r in read_csv(out / "results.csv") if r["experiment"] in labels and (r["experiment"], r["run"]) not in here]
+    if kept:
+        print(f"{len(kept)} run(s) kept from {out / 'results.csv'} (no run directory here)")
+    records = kept + records
     if not records:
         raise SystemExit(f"no finished run of suite {suite.name} under {out / 'runs'}; run: python compare.py run {suite.name}")
     datasets = sorted({r["dataset"] for r in records})

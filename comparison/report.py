@@ -48,6 +48,26 @@ def collect(root: Path, finished_only: bool = False) -> list[dict[str, Any]]:
     return records
 
 
+def _number(text: str) -> int | float | str | None:
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """The records ``write_csv`` wrote (numbers as numbers, empty cells as None); none when there is no file."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: v if k in ("experiment", "run", "technique", "dataset") else _number(v) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
 def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,25 @@ def test_report_writes_table_csv_plot_and_readme_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n<!-- suite:mini:begin -->\nSuite `mini`") and text.endswith("<!-- suite:mini:end -->\nafter\n")
     assert "old" not in text and "![mini trade-off](results/mini/tradeoff.png)" in text and "| zeta |" in text
+
+
+def test_report_keeps_the_runs_of_results_csv_whose_directories_are_elsewhere(tmp_path):
+    """A fresh checkout has results.csv but no run directories: a report after a partial rerun keeps the other
+    rows (same table as before) and takes a rerun row from its new run directory."""
+    results = tmp_path / "results"
+    suite = load_suite(write_suite(tmp_path / "mini.yaml", "seeds: [0, 1]\nexperiments:\n"
+                                   "  - {label: zeta, config: configs/moons/baseline.yaml}\n"))
+    runs = results / "mini" / "runs"
+    fake_run(runs, "zeta", 0, 0.80, 1000)
+    fake_run(runs, "zeta", 1, 0.84, 1000)
+    before = compare.report(suite, results)
+    shutil.rmtree(runs)  # the run directories of another checkout: not here
+    assert compare.report(suite, results) == before
+    fake_run(runs, "zeta", 1, 0.90, 1000)  # seed 1 rerun here
+    table = compare.report(suite, results)
+    assert "| zeta | zeta | 2 | 85.00 ± 7.07 |" in table  # seed 0 from the CSV, seed 1 from its new run
+    with open(results / "mini" / "results.csv") as handle:
+        assert sorted(r["run"] for r in csv.DictReader(handle)) == ["seed0", "seed1"]
 
 
 def test_mean_std_and_the_table_of_any_directory(tmp_path):
