@@ -33,7 +33,7 @@ from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.structure import after_structure_change
 from models.collapse_chains import Chain, collapse_chains_, find_chains, rebuild_collapsed_chains_, slope, to_prelu_
 from models.plain_export import save_exported
-from models.targets import TargetModules, _matches, network_name
+from models.targets import TargetModules, name_matches, network_name
 
 
 def select_chains(net: nn.Module, target_modules: TargetModules | None, exclude_modules: TargetModules | None,
@@ -49,8 +49,8 @@ def select_chains(net: nn.Module, target_modules: TargetModules | None, exclude_
     elif target_modules in ("all", "all-linear"):
         chosen = chains
     else:
-        chosen = [c for c in chains if _matches(c.name, target_modules)]
-    chosen = [c for c in chosen if not _matches(c.name, exclude_modules)]
+        chosen = [c for c in chains if name_matches(c.name, target_modules)]
+    chosen = [c for c in chosen if not name_matches(c.name, exclude_modules)]
     if last_k:
         chosen = chosen[-last_k:]
     if not chosen:

@@ -18,7 +18,8 @@ TargetModules = Sequence[str] | str
 """A list of name suffixes, or one regex matched against the whole qualified module name."""
 
 
-def _matches(name: str, pattern: TargetModules | None) -> bool:
+def name_matches(name: str, pattern: TargetModules | None) -> bool:
+    """Whether ``name`` is selected by ``pattern`` (suffix list or full regex, as described above; None: no)."""
     if pattern is None:
         return False
     if isinstance(pattern, str):
@@ -56,8 +57,8 @@ def match_modules(
         last = output_layer(model, types) if candidates else None
         chosen = {n: m for n, m in candidates.items() if n != last}
     else:
-        chosen = {n: m for n, m in candidates.items() if _matches(n, target_modules)}
-    chosen = {n: m for n, m in chosen.items() if not _matches(n, exclude_modules)}
+        chosen = {n: m for n, m in candidates.items() if name_matches(n, target_modules)}
+    chosen = {n: m for n, m in chosen.items() if not name_matches(n, exclude_modules)}
     if not chosen:
         kinds = " / ".join(t.__name__ for t in types)
         examples = ", ".join(list(candidates)[:4]) or "none"
