@@ -31,7 +31,8 @@ from callbacks.controls import CollapseStage
 from constraints import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.structure import after_structure_change
-from models.collapse_chains import Chain, collapse_chains_, find_chains, rebuild_collapsed_chains_, slope, to_prelu_
+from models.collapse_chains import (Chain, collapse_chains_, find_chains, keeps_function, rebuild_collapsed_chains_, slope,
+                                    to_prelu_)
 from models.plain_export import save_exported
 from models.targets import TargetModules, name_matches, network_name
 
@@ -125,6 +126,9 @@ class LayerCollapse(ClassificationModule):
     def _convert(self, slope_init: float) -> dict[str, float]:
         """Single-slope PReLUs into the selected chains; the largest |change| of the logits on a random batch,
         per chain whose function changed (none for ReLU / LeakyReLU / PReLU)."""
+        if all(keeps_function(self.net.get_submodule(c.act)) for c in self.chains.values()):
+            to_prelu_(self.net, self.chains.values(), slope_init)  # exact: nothing to measure (no forward passes)
+            return {}
         was_training = self.net.training
         self.net.eval()
         if hasattr(self.net, "example_input"):  # dict inputs (text): the network's own example
@@ -135,8 +139,6 @@ class LayerCollapse(ClassificationModule):
         changed = to_prelu_(self.net, self.chains.values(), slope_init)
         after = self.net(x)
         self.net.train(was_training)
-        if not changed:
-            return {}
         change = float((after - before).abs().max())
         rank_zero_info(f"[layercollapse] {len(changed)} chain(s) got PReLU({slope_init}) for another activation: "
                        f"the logits moved by up to {change:.3g} on a random batch (fine-tune to recover).")

@@ -134,6 +134,11 @@ def find_chains(net: nn.Module) -> list[Chain]:
     return chains
 
 
+def keeps_function(act: nn.Module) -> bool:
+    """Whether ``to_prelu_`` replaces ``act`` without changing the function (PReLU, ReLU, LeakyReLU)."""
+    return isinstance(act, (nn.PReLU, nn.ReLU, nn.LeakyReLU))
+
+
 @torch.no_grad()
 def to_prelu_(net: nn.Module, chains: Iterable[Chain], slope_init: float = 0.01) -> list[str]:
     """Give each chain a single-slope PReLU in place of its activation; returns the names of the chains whose
@@ -143,12 +148,8 @@ def to_prelu_(net: nn.Module, chains: Iterable[Chain], slope_init: float = 0.01)
         act = net.get_submodule(chain.act)
         if isinstance(act, nn.PReLU):
             continue
-        if isinstance(act, nn.ReLU):
-            slope = 0.0
-        elif isinstance(act, nn.LeakyReLU):
-            slope = act.negative_slope
-        else:
-            slope = slope_init
+        slope = 0.0 if isinstance(act, nn.ReLU) else act.negative_slope if isinstance(act, nn.LeakyReLU) else slope_init
+        if not keeps_function(act):
             changed.append(chain.name)
         ref = net.get_submodule(chain.first).weight
         net.set_submodule(chain.act, nn.PReLU(num_parameters=1, init=slope).to(ref.device, ref.dtype))
