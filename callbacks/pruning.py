@@ -51,7 +51,7 @@ class ProgressivePruning(Callback):
             pruned = int(pl_module.net.prune_(self.threshold))
             target = pl_module.controls.target_density
             if self.to_target and target is not None:
-                pruned += int(pl_module.net.prune_to_density_(target))
+                pruned += int(pl_module.net.prune_to_density_(target, pl_module.budget))
             self.events.append((trainer.current_epoch, pruned))
             pl_module.log("compact/pruned", float(pruned))
 

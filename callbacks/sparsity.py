@@ -15,9 +15,9 @@ class SparsityScheduler(Callback):
     (``callbacks.controls``): ``target_density = 1 - s``.
 
     ``s(p) = s0 + (target - s0) f(p)`` with f constant, linear, cosine or cubic, p the progress from
-    ``warmup_epochs`` to ``until`` x max_epochs (per step). s0 is the hard sparsity of the masks when training
-    starts (1 - init density) unless ``initial`` is given. During warm-up the masks are frozen
-    (``masks_frozen``) and no target is set. The penalty that enforces s(p) lives in the module
+    ``warmup_epochs`` to ``until`` x max_epochs (per step). s0 is the hard sparsity of the masks (of the module's
+    budget: weights or FLOPs) when training starts (1 - init density) unless ``initial`` is given. During warm-up
+    the masks are frozen (``masks_frozen``) and no target is set. The penalty that enforces s(p) lives in the module
     (``MorphoNet.regularization``); this callback only schedules it.
 
     Args:
@@ -45,7 +45,7 @@ class SparsityScheduler(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.initial is None:  # restored from the checkpoint when resuming
-            self.initial = 1.0 - float(pl_module.net.weighted_density())
+            self.initial = 1.0 - pl_module.density()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         controls = pl_module.controls

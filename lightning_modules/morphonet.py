@@ -16,7 +16,9 @@ Sparsity penalty, by ``mode``:
   connections that are really on match the target. Scaling by N makes the push on each
   connection, ``2 lambda (D - d_t) sigmoid'(M/T) / T``, independent of the network's size, so one lambda
   controls the achieved sparsity on Moons and on FashionMNIST alike. Masks are frozen during the scheduler's
-  warm-up.
+  warm-up. With ``budget: flops`` (unit gates) D is the fraction of the FLOPs the export keeps
+  (``models.flop_budget``) and N the number of gates: the push on gate i is ``2 lambda (D - d_t) F_i / mean F``
+  times sigmoid'(M/T) / T, F_i the FLOPs it removes, instead of one proportional to its row's weight count.
 
 Evaluation (``eval_mask``): ``soft`` (parity: the soft-masked model, as upstream reports), ``hard`` (M > 0) or
 ``exported`` (default in intended mode): the final prune, the hard mask folded into plain layers and dead
@@ -36,6 +38,7 @@ from lightning_modules.base import ClassificationModule, NetworkFactory
 from constraints import Fraction, NonNegativeFloat, PositiveFloat, Probability
 from lightning_modules.text_hooks import DictInputNetwork
 from models.masked_network import Granularity, MaskedNetwork
+from models.masks import Budget
 from models.morphonet import MorphoNetwork
 from models.targets import TargetModules
 from models.morphonet_export import export_pruned, export_summary
@@ -59,6 +62,8 @@ class MorphoNet(ClassificationModule):
             ``models.TorchvisionNet``), which Linear / Conv2d layers get masks and of which granularity
             (``connection`` or ``unit``; ``models.masked_network``). A ``models.Morpho*`` network holds its own
             connection masks and takes none of these.
+        budget: what the target density counts: ``weights`` (masked weights) or ``flops`` (unit gates: the FLOPs
+            of the exported network's Linear / Conv2d layers, ``models.flop_budget``).
     """
 
     technique = "morphonet"
@@ -80,6 +85,7 @@ class MorphoNet(ClassificationModule):
         exclude_modules: TargetModules | None = None,
         granularity: Granularity = "connection",
         init_density: Probability | None = None,
+        budget: Budget = "weights",
     ) -> None:
         super().__init__(net, input_shape, num_classes)  # the two optimisers are built in configure_optimizers
         self.automatic_optimization = False
@@ -88,6 +94,7 @@ class MorphoNet(ClassificationModule):
         self.sparsity_weight = sparsity_weight if sparsity_weight is not None else (0.002 if mode == "parity" else 0.05)
         self.final_prune_threshold = final_prune_threshold
         self.eval_mask = eval_mask or ("soft" if mode == "parity" else "exported")
+        self.budget = budget
         self.controls = MaskSchedule()  # SparsityScheduler sets the target density and the warm-up freeze
         self.density_at_start: float | None = None
         self._exported: nn.Module | None = None
@@ -99,6 +106,7 @@ class MorphoNet(ClassificationModule):
         if isinstance(network, MorphoNetwork):
             given = [k for k in ("target_modules", "exclude_modules", "init_density") if h[k] is not None]
             given += ["granularity"] if h.granularity != "connection" else []
+            given += ["budget"] if h.budget != "weights" else []
             if given:
                 raise ValueError(f"model.net {type(network).__name__} holds its own connection masks: drop "
                                  f"model.init_args.{' / '.join(given)} (its init_density is model.net's), or give "
@@ -107,6 +115,9 @@ class MorphoNet(ClassificationModule):
         if isinstance(network, DictInputNetwork):
             raise ValueError(f"lightning_modules.MorphoNet puts masks on image and tabular networks; "
                              f"{type(network).__name__} takes token dicts: use models.MorphoTransformer.")
+        if h.budget == "flops" and h.granularity != "unit":
+            raise ValueError("model.init_args.budget flops counts the FLOPs that unit gates remove; connection masks "
+                             "leave the export's FLOPs dense: set model.init_args.granularity unit or budget weights.")
         return MaskedNetwork(network, torch.zeros(1, *self.input_shape), target_modules=h.target_modules or "all-linear",
                              exclude_modules=h.exclude_modules, granularity=h.granularity, init_density=h.init_density)
 
@@ -124,14 +135,13 @@ class MorphoNet(ClassificationModule):
         # Straight-through density: the value is the hard density (what is exported), the gradient the soft
         # one's. A penalty on the soft density alone is met by shrinking logits toward 0 instead of switching
         # connections off (on Moons it reached soft 0.30 at hard 0.40).
-        on, total = 0.0, 0
-        for layer in self.net.morpho_layers():
-            soft = layer.soft_mask()
-            weights = getattr(layer, "weights_per_mask_entry", 1)  # a conv mask entry gates C_in weights
-            on = on + weights * (soft + (layer.hard_mask() - soft).detach()).sum()
-            total += weights * soft.numel()
-        density = on / total
-        return self.sparsity_weight * total * (density - target) ** 2
+        density = self.net.kept_fraction(self.budget)
+        return self.sparsity_weight * self.net.penalty_count(self.budget) * (density - target) ** 2
+
+    def density(self) -> float:
+        """The fraction of the budget (weights or FLOPs) the hard masks keep: what the target density counts."""
+        with torch.no_grad():
+            return float(self.net.kept_fraction(self.budget))
 
     # --- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -163,8 +173,8 @@ class MorphoNet(ClassificationModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        self.log("compact/density", self.net.weighted_density())
-        self.log("compact/sparsity", 1.0 - self.net.weighted_density())
+        self.log("compact/density", self.density())
+        self.log("compact/sparsity", 1.0 - self.density())
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def export(self) -> nn.Module:
@@ -202,7 +212,7 @@ class MorphoNet(ClassificationModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.density_at_start is None:
-            self.density_at_start = float(self.net.weighted_density())
+            self.density_at_start = self.density()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -221,7 +231,8 @@ class MorphoNet(ClassificationModule):
                 "mode": self.mode,
                 "eval_mask": self.eval_mask,
                 "hard_sparsity_start": None if self.density_at_start is None else 1.0 - self.density_at_start,
-                "hard_sparsity_end": 1.0 - float(self.net.weighted_density()),
+                "budget": self.budget,
+                "hard_sparsity_end": 1.0 - self.density(),
                 "layer_density": [round(float(layer.density()), 4) for layer in self.net.morpho_layers()],
                 "mask_on": int(sum(int((layer.mask_logits > 0).sum()) for layer in self.net.morpho_layers())),
                 "export": export_summary(self.net, deployed),

@@ -30,6 +30,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from models.flop_budget import FlopBudget
 from models.masks import ConnectionMask, GatedRows, Mask, UnitGate
 from models.morphonet import MorphoNetwork
 from models.targets import TargetModules, match_modules, network_name, output_layer
@@ -124,6 +125,7 @@ class MaskedNetwork(MorphoNetwork):
         groups = list(coupled_groups(dependency_graph(self.net.eval(), self.trace_input), self.net, self.output_name))
         self.net.train(was_training)
         wanted = {id(m) for m in targets.values()}
+        self.flop_budget = FlopBudget(self.net, self.trace_input)
         gated = 0
         for group in groups:
             producers = list(_producers(group))
@@ -134,7 +136,11 @@ class MaskedNetwork(MorphoNetwork):
             channels = len(group[0].idxs)
             per_channel = sum(m.weight.numel() // m.weight.shape[0] for m, _, _ in producers if isinstance(m, MASKABLE))
             gate = UnitGate(channels, init_density, per_channel)
+            for item in group:  # the layers reading the channels lose input columns when a gate closes
+                if group._DG.is_in_channel_pruning_fn(item.dep.handler):
+                    self.flop_budget.gate_inputs(item.dep.target.module, gate, list(item.idxs), list(item.root_idxs))
             for module, rows, roots in producers:
+                self.flop_budget.gate_outputs(module, gate, rows, roots)
                 for name in ("weight", "bias"):
                     if getattr(module, name, None) is not None:
                         size = getattr(module, name).shape[0]

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 PRUNED_LOGIT = -100.0
 MaskMode = Literal["soft", "hard"]
+Budget = Literal["weights", "flops"]
+"""What a target density counts: the masked weights, or (unit gates) the FLOPs of the exported network."""
 
 
 def check_temperature(t: float) -> float:
@@ -75,6 +77,11 @@ class Mask(nn.Module):
 
     def hard_mask(self) -> Tensor:
         return (self.mask_logits > 0).to(self.mask_logits.dtype)
+
+    def straight_through(self) -> Tensor:
+        """The hard mask's value with the soft mask's gradient."""
+        soft = self.soft_mask()
+        return soft + (self.hard_mask() - soft).detach()
 
     def mask(self) -> Tensor:
         """The mask of the current ``mask_mode``, shaped like ``mask_logits``."""
@@ -128,10 +135,7 @@ class UnitGate(Mask):
         self.weights_per_mask_entry = max(int(weights_per_channel), 1)
 
     def mask(self) -> Tensor:
-        if self.mask_mode == "hard":
-            return self.hard_mask()
-        soft = self.soft_mask()
-        return self.hard_mask() + soft - soft.detach()
+        return self.hard_mask() if self.mask_mode == "hard" else self.straight_through()
 
 
 class GatedRows(nn.Module):

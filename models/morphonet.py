@@ -18,7 +18,7 @@ skip gates are not part of the dense architecture); its non-zero count is #(W * 
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from annotated_types import MinLen
 from torch import Tensor, nn
 
 from constraints import Fraction, PositiveInt, Probability
-from models.masks import PRUNED_LOGIT, Mask, MaskMode, check_temperature  # noqa: F401 (re-exported)
+from models.masks import PRUNED_LOGIT, Budget, Mask, MaskMode, check_temperature  # noqa: F401 (re-exported)
 from models.mlp import mlp_layers
 from models.morpho_attention import MorphoAttention, SelfAttention  # noqa: F401 (re-exported)
 
@@ -150,6 +150,32 @@ class MorphoNetwork(nn.Module):
             total += layer.mask_logits.numel() * layer.weights_per_mask_entry
         return on / total if total else 1.0
 
+    def kept_fraction(self, budget: Budget = "weights") -> Tensor:
+        """The fraction of the budget the hard masks keep, with a straight-through gradient (that of the soft
+        masks): masked weights (``weighted_density``) or, for unit gates, FLOPs (``models.flop_budget``)."""
+        if budget == "flops":
+            return self._flop_budget().kept(lambda gate: gate.straight_through())
+        on, total = 0.0, 0
+        for layer in self.morpho_layers():
+            on = on + layer.weights_per_mask_entry * layer.straight_through().sum()
+            total += layer.weights_per_mask_entry * layer.mask_logits.numel()
+        return on / total if total else torch.ones(())
+
+    def penalty_count(self, budget: Budget = "weights") -> int:
+        """n of the intended penalty ``lambda n (D - d)^2``: the masked weights (budget weights), or the gate entries
+        (budget flops), so that the mean push on a gate is that on one connection of an MLP's masks."""
+        if budget == "flops":
+            return sum(gate.mask_logits.numel() for gate in self._flop_budget().gates())
+        return sum(layer.mask_logits.numel() * layer.weights_per_mask_entry for layer in self.morpho_layers())
+
+    def _flop_budget(self) -> Any:
+        budget = getattr(self, "flop_budget", None)
+        if budget is None:
+            raise ValueError(f"budget flops counts the FLOPs that unit gates remove; {type(self).__name__} has "
+                             "connection masks, whose export keeps the dense FLOPs: use granularity unit on a plain "
+                             "network, or budget weights.")
+        return budget
+
     def mask_penalty(self) -> Tensor:
         """Sum over masked layers (and attention head gates) of mean(sigmoid(M / T)): upstream's penalty / lambda."""
         terms = [m.mask_penalty() for m in [*self.morpho_layers(), *self.attentions()]]
@@ -159,9 +185,11 @@ class MorphoNetwork(nn.Module):
         return sum(layer.prune_(threshold) for layer in self.morpho_layers())
 
     @torch.no_grad()
-    def prune_to_density_(self, density: float) -> int:
-        """Switch off the on-connections with the lowest logits (all layers ranked together) until the weighted
+    def prune_to_density_(self, density: float, budget: Budget = "weights") -> int:
+        """Switch off the on-connections with the lowest logits (all layers ranked together) until the budget's
         density is at most ``density``; returns how many mask entries were pruned (M := -100)."""
+        if budget == "flops":
+            return self._flop_budget().prune_to_(density)
         layers = self.morpho_layers()
         total = sum(layer.mask_logits.numel() * layer.weights_per_mask_entry for layer in layers)
         excess = total * (self.weighted_density() - density)
