@@ -65,7 +65,8 @@ CANNOT = {  # (technique, network): the refusal's words
     # token dicts: the lab's own text networks are the way (models.MorphoTransformer, models.ShapeSharedBert)
     **{(t, "hf-bert"): "BertClassifier takes token dicts" for t in
        ("morphonet-connection", "morphonet-unit", "morphreuse-shape", "morphreuse-core")},
-    # a BERT FFN's two Linears sit in two modules (BertIntermediate, BertOutput) with a residual around the second
+    # a BERT FFN's two Linears sit in two modules (BertIntermediate, BertOutput); the BertLayer that joins them is
+    # not fx-traceable (it iterates over tuple outputs), so nothing proves the middle feeds only the second Linear
     ("layercollapse", "hf-bert"): "BertClassifier has no collapsible chain",
     ("layercollapse", "tv-resnet18"): "TorchvisionNet(resnet18) has no collapsible chain",
     # a ResNet's only Linear is its classifier, which all-linear leaves out; MobileNetV3's two have two shapes

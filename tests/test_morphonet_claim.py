@@ -1,0 +1,38 @@
+"""benchmarks/morphonet_claim.py chooses on validation within the parameter budget, never on test."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from morphonet_claim import choose, by_experiment, verdict_table  # noqa: E402
+
+
+def rows():
+    def run(experiment, seed, val, test, nonzero):
+        return {"experiment": experiment, "seed": seed, "val/acc": val, "test/acc": test, "params/nonzero": nonzero}
+    return [
+        run("moons/dense", 0, 0.90, 0.90, 1000), run("moons/dense", 1, 0.92, 0.92, 1000),
+        # best on test but worse on validation: must not be chosen
+        run("moons/unit", 0, 0.88, 0.99, 400), run("moons/unit", 1, 0.88, 0.99, 400),
+        run("moons/connection", 0, 0.95, 0.91, 500), run("moons/connection", 1, 0.95, 0.90, 500),
+        # best on validation but over the 0.5x budget
+        run("moons/wide", 0, 0.99, 0.99, 800), run("moons/wide", 1, 0.99, 0.99, 800),
+    ]
+
+
+def test_the_choice_is_the_best_validation_accuracy_within_the_budget():
+    chosen, ratios = choose(by_experiment(rows())["moons"], max_ratio=0.5)
+    assert chosen == "connection"
+    assert ratios == {"unit": 0.4, "connection": 0.5, "wide": 0.8}
+
+
+def test_the_verdict_compares_the_chosen_test_accuracy_with_the_dense_mlp():
+    table = verdict_table(rows(), max_ratio=0.5)
+    assert "- moons: connection at 0.50x, -0.50 points against the dense MLP: the claim does not hold." in table
+    assert "| moons | wide | 2 |" in table and "over budget" in table
+    assert "| moons | connection | 2 | 95.00 ± 0.00 | 90.50 ± 0.71 | 500 | 0.50 | yes | 1/2 |" in table
+    looser = verdict_table(rows(), max_ratio=0.8)
+    assert "- moons: wide at 0.80x, +8.00 points against the dense MLP: the claim holds." in looser
