@@ -7,6 +7,7 @@ gives the median over rounds per batch size, the reference's time divided by eac
 the first run), FLOPs per sample and parameters.
 
     python benchmarks/export_speed.py results/any_network/runs/mlp_dense/seed0 results/any_network/runs/mlp_unit/seed0
+    python benchmarks/export_speed.py configs/fashion_mnist/resnet18.yaml results/any_network/runs/resnet18_morphonet_unit/seed0
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from models.plain_export import load_exported  # noqa: E402
 def deployed_of(run_dir: Path) -> torch.nn.Module:
     """The run's exported network, or the deployed network of the checkpoint its summary names; a ``.pt`` file
     given instead of a run (``uncollapsed.pt``) is that network."""
+    if run_dir.suffix in (".yaml", ".yml"):
+        return untrained_of(run_dir)
     if run_dir.is_file():
         return load_exported(run_dir).eval()
     exported = run_dir / "exported.pt"
@@ -42,9 +45,22 @@ def deployed_of(run_dir: Path) -> torch.nn.Module:
     return module_class.load_from_checkpoint(checkpoint, map_location="cpu").deployed_model().eval()
 
 
+def untrained_of(config: Path) -> torch.nn.Module:
+    """A config's deployed network before training (a Baseline's network as built): the speed of a dense
+    reference does not depend on its weights, so a fresh checkout can time one without its run directory."""
+    import tempfile
+
+    import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = train.main(["--config", str(config), f"--trainer.logger.init_args.save_dir={tmp}"], run=False)
+    return cli.model.deployed_model().eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (the first is the reference)")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories, exported .pt files or configs (a "
+                        "config: its network untrained, for a dense reference); the first is the reference")
     parser.add_argument("--input_shape", type=int, nargs="+", default=[1, 28, 28])
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--rounds", type=int, default=5)

@@ -1,4 +1,5 @@
-"""benchmarks/morphonet_claim.py chooses on validation within the parameter budget, never on test."""
+"""The benchmark scripts compute what they print: ``morphonet_claim.py`` chooses on validation within the parameter
+budget, never on test; ``export_speed.py`` builds a config's dense network to time it against runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from export_speed import untrained_of  # noqa: E402
 from morphonet_claim import choose, by_experiment, verdict_table  # noqa: E402
 
 
@@ -36,3 +38,9 @@ def test_the_verdict_compares_the_chosen_test_accuracy_with_the_dense_mlp():
     assert "| moons | connection | 2 | 95.00 ± 0.00 | 90.50 ± 0.71 | 500 | 0.50 | yes | 1/2 |" in table
     looser = verdict_table(rows(), max_ratio=0.8)
     assert "- moons: wide at 0.80x, +8.00 points against the dense MLP: the claim holds." in looser
+
+
+def test_a_config_is_timed_as_its_untrained_network():
+    net = untrained_of(ROOT / "configs/moons/baseline.yaml")
+    assert not net.training
+    assert sum(p.numel() for p in net.parameters()) == (2 * 64 + 64) + (64 * 32 + 32) + (32 * 2 + 2)  # MLP [64, 32]
