@@ -18,7 +18,7 @@ skip gates are not part of the dense architecture); its non-zero count is #(W * 
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from annotated_types import MinLen
 from torch import Tensor, nn
 
 from constraints import Fraction, PositiveInt, Probability
+from models.flop_budget import FlopBudget
 from models.masks import PRUNED_LOGIT, Budget, Mask, MaskMode, check_temperature  # noqa: F401 (re-exported)
 from models.mlp import mlp_layers
 from models.morpho_attention import MorphoAttention, SelfAttention  # noqa: F401 (re-exported)
@@ -168,7 +169,7 @@ class MorphoNetwork(nn.Module):
             return sum(gate.mask_logits.numel() for gate in self._flop_budget().gates())
         return sum(layer.mask_logits.numel() * layer.weights_per_mask_entry for layer in self.morpho_layers())
 
-    def _flop_budget(self) -> Any:
+    def _flop_budget(self) -> FlopBudget:
         budget = getattr(self, "flop_budget", None)
         if budget is None:
             raise ValueError(f"budget flops counts the FLOPs that unit gates remove; {type(self).__name__} has "
