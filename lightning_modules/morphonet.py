@@ -22,7 +22,8 @@ Sparsity penalty, by ``mode``:
 
 Evaluation (``eval_mask``): ``soft`` (parity: the soft-masked model, as upstream reports), ``hard`` (M > 0) or
 ``exported`` (default in intended mode): the final prune, the hard mask folded into plain layers and dead
-units removed (``models.morphonet_export.export_pruned``) - the physically smaller model that is deployed.
+channels removed (``MaskedNetwork.export``, ``models.morphonet_export``) - the physically smaller model that is
+deployed.
 """
 
 from collections.abc import Sequence
@@ -39,9 +40,8 @@ from constraints import Fraction, NonNegativeFloat, PositiveFloat, Probability
 from lightning_modules.text_hooks import DictInputNetwork
 from models.masked_network import Granularity, MaskedNetwork
 from models.masks import Budget
-from models.morphonet import MorphoNetwork
 from models.targets import TargetModules
-from models.morphonet_export import export_pruned, export_summary
+from models.morphonet_export import export_summary
 from models.plain_export import save_exported
 
 
@@ -100,10 +100,10 @@ class MorphoNet(ClassificationModule):
         self._exported: nn.Module | None = None
 
     def build_network(self, net: NetworkFactory) -> nn.Module:
-        """A ``models.Morpho*`` network as it is; any other network with masks on its target layers."""
+        """A preset (``models.Morpho*``, already masked) as it is; any other network with masks on its targets."""
         network = super().build_network(net)
         h = self.hparams
-        if isinstance(network, MorphoNetwork):
+        if isinstance(network, MaskedNetwork):
             given = [k for k in ("target_modules", "exclude_modules", "init_density") if h[k] is not None]
             given += ["granularity"] if h.granularity != "connection" else []
             given += ["budget"] if h.budget != "weights" else []
@@ -179,7 +179,7 @@ class MorphoNet(ClassificationModule):
     # --- evaluation -----------------------------------------------------------------------------------------
     def export(self) -> nn.Module:
         """Final prune (on a copy), hard mask folded in, dead units removed: the deployed model."""
-        return export_pruned(self.net, prune_threshold=self.final_prune_threshold)
+        return self.net.export(prune_threshold=self.final_prune_threshold)
 
     def deployed_model(self) -> nn.Module:
         return self.export()

@@ -22,7 +22,7 @@ from constraints import NonNegativeInt, OpenFraction
 from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.structure import after_structure_change
 from models.accounting import flops_per_sample
-from models.masked_network import dependency_graph
+from models.channel_groups import dependency_graph
 from models.targets import TargetModules, match_modules, output_layer
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
@@ -40,7 +40,7 @@ def _flops(net: nn.Module, example: torch.Tensor) -> int:
 def _replay(net: nn.Module, example: torch.Tensor, history: list) -> None:
     """Apply a torch-pruning pruning history to ``net`` in place."""
     was_training = net.training
-    dependency_graph(net.eval(), example).load_pruning_history(history)
+    dependency_graph(net.eval(), example, mark_input=False).load_pruning_history(history)
     net.train(was_training)
 
 

@@ -3,7 +3,8 @@
 ``MaskedNetwork(net, example_input, target_modules, exclude_modules, granularity, init_density)`` puts
 ``models.masks`` parametrizations on the ``nn.Linear`` / ``nn.Conv2d`` layers that ``target_modules`` selects
 (peft semantics, ``models.targets``; grouped and depthwise convolutions included) and otherwise leaves ``net``
-as it is. It has the interface MorphoNet's LightningModule and callbacks drive (``models.morphonet.MorphoNetwork``):
+as it is. It is what MorphoNet's LightningModule and callbacks drive; the spec's networks (``models.MorphoMLP``,
+``MorphoCNN``, ``MorphoTransformer``) are presets of it on plain networks.
 
 * ``granularity="connection"``: ``W' = W * sigmoid(M / T)`` per connection (``ConnectionMask``);
 * ``granularity="unit"``: one gate per output channel. Channels that torch-pruning's ``DependencyGraph`` couples
@@ -12,86 +13,44 @@ as it is. It has the interface MorphoNet's LightningModule and callbacks drive (
   exactly zero wherever it is produced. A group that also holds a layer no gate can scale exactly (a LayerNorm,
   an attention's packed projection, a free parameter) gets no gate, and so does the output layer's.
 
-``export()`` folds the hard mask into plain parameters (``parametrize.remove_parametrizations``) and then removes
-every channel that is zero wherever it is produced (weight row, bias and BatchNorm affine all zero, in every layer
-of its group) *physically*, with torch-pruning: the result is a plain, smaller ``nn.Module`` (no mask logits, no
-parametrizations) that predicts what the hard-masked network predicts. This is exact when the activations
-following the removed channels map 0 to 0 (ReLU, GELU, SiLU, Hardswish, Tanh, a product), so ``export`` checks
-it on a random batch and refuses, in one sentence, a network where it is not.
+``export()`` folds the hard mask into plain parameters and removes every channel that cannot change the output
+*physically*, with torch-pruning (``models.morphonet_export``): the result is a plain, smaller ``nn.Module`` (no
+mask logits, no parametrizations) that predicts what the hard-masked network predicts (checked on a random batch).
 """
 
 import copy
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from models.channel_groups import MASKABLE, consumers, coupled_groups, dependency_graph, exactly_gateable, producers
 from models.flop_budget import FlopBudget
-from models.masks import ConnectionMask, GatedRows, Mask, UnitGate
-from models.morphonet import MorphoNetwork
+from models.masks import PRUNED_LOGIT, Budget, ConnectionMask, GatedRows, Mask, MaskMode, UnitGate, check_temperature
+from models.morpho_attention import HeadGate
+from models.morphonet_export import check_export, fold_parametrizations, remove_dead_channels
 from models.targets import TargetModules, match_modules, network_name, output_layer
 
 Granularity = Literal["connection", "unit"]
-MASKABLE = (nn.Linear, nn.Conv2d)
-GATEABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-"""Layers whose output channel c is exactly zero once its weight row, bias (and BN affine) entries are zero."""
-EXPORT_TOLERANCE = 1e-4
+MASK_PARAMETER_NAMES = ("mask_logits", "skip_gate", "head_logits")
 
 
-def _producers(group: Any) -> Iterator[tuple[nn.Module, list[int], list[int]]]:
-    """(module, its channel indices, the group's root indices) of every parametric layer producing the group."""
-    graph = group._DG  # torch-pruning keeps the graph on the group (no public accessor)
-    for item in group:
-        module = item.dep.target.module
-        if graph.is_out_channel_pruning_fn(item.dep.handler) and (
-            isinstance(module, nn.Parameter) or any(True for _ in module.parameters(recurse=False))
-        ):
-            yield module, list(item.idxs), list(item.root_idxs)
+def has_connection_mask(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, ConnectionMask) for p in module.parametrizations.weight)
 
 
-def exactly_gateable(group: Any) -> bool:
-    """Whether zeroing a channel in every producer of ``group`` and then removing it is exact and feasible: the
-    producers are Linear / Conv2d / BatchNorm, a weight layer reads the channel, and the channel is not split
-    into attention heads (torch-pruning's ``_UnbindOp``: q, k and v would lose different dimensions)."""
-    graph = group._DG
-    if not all(isinstance(module, GATEABLE) for module, _, _ in _producers(group)):
-        return False
-    read = any(graph.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, MASKABLE)
-               for item in group)
-    return read and not any(type(item.dep.target.module).__name__ == "_UnbindOp" for item in group)
-
-
-def dependency_graph(net: nn.Module, example_input: Any) -> tp.DependencyGraph:
-    """torch-pruning's ``DependencyGraph`` of ``net`` traced on ``example_input``."""
-    # torch-pruning traces the autograd graph: gradients on, and out of the inference mode Lightning tests in
-    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-        # cls tokens / position embeddings: groups holding them are never gated or pruned here
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(net, example_inputs=example_input)
-
-
-def coupled_groups(graph: tp.DependencyGraph, net: nn.Module, output_name: str) -> Iterator[Any]:
-    """The graph's groups of coupled output channels of ``net`` (the output layer's group excluded)."""
-    return graph.get_all_groups(ignored_layers=[net.get_submodule(output_name)], root_module_types=MASKABLE)
-
-
-def _export_check_input(example_input: Any) -> Any:
-    if isinstance(example_input, Tensor) and example_input.is_floating_point():
-        return torch.randn(max(4, example_input.shape[0]), *example_input.shape[1:], generator=torch.Generator().manual_seed(0))
-    return example_input
-
-
-class MaskedNetwork(MorphoNetwork):
+class MaskedNetwork(nn.Module):
     """``net`` with MorphoNet masks on its target layers; see the module docstring.
 
     Args:
         net: any ``nn.Module`` (torchvision, timm, the lab's networks).
-        example_input: one batch the network accepts (traced by torch-pruning for ``unit``; checks ``export``).
-        target_modules, exclude_modules: which Linear / Conv2d layers get masks (``models.targets``).
+        example_input: one batch the network accepts (traced by torch-pruning; checks ``export``).
+        target_modules, exclude_modules: which Linear / Conv2d layers get masks (``models.targets``). A target
+            that already carries a connection mask keeps it (the presets draw theirs layer by layer, in the order
+            that makes a seed reproduce the spec's networks).
         granularity: ``connection`` or ``unit``.
         init_density: initial probability that a mask entry is on (default 0.4 for connections, as the spec; 1.0
             for unit gates).
@@ -116,7 +75,8 @@ class MaskedNetwork(MorphoNetwork):
         targets = match_modules(net, target_modules, exclude_modules, MASKABLE, "MorphoNet")
         if granularity == "connection":
             for module in targets.values():
-                parametrize.register_parametrization(module, "weight", ConnectionMask(module.weight, init_density))
+                if not has_connection_mask(module):
+                    parametrize.register_parametrization(module, "weight", ConnectionMask(module.weight, init_density))
         else:
             self._add_unit_gates(targets, init_density)
 
@@ -128,18 +88,15 @@ class MaskedNetwork(MorphoNetwork):
         self.flop_budget = FlopBudget(self.net, self.trace_input)
         gated = 0
         for group in groups:
-            producers = list(_producers(group))
-            if not any(id(module) in wanted for module, _, _ in producers):
-                continue
-            if not exactly_gateable(group):
-                continue  # a LayerNorm / attention heads / free parameter in the group: no exact gate
+            makers = list(producers(group))
+            if not any(id(module) in wanted for module, _, _ in makers) or not exactly_gateable(group):
+                continue  # not targeted, or a LayerNorm / attention heads / free parameter in the group
             channels = len(group[0].idxs)
-            per_channel = sum(m.weight.numel() // m.weight.shape[0] for m, _, _ in producers if isinstance(m, MASKABLE))
+            per_channel = sum(m.weight.numel() // m.weight.shape[0] for m, _, _ in makers if isinstance(m, MASKABLE))
             gate = UnitGate(channels, init_density, per_channel)
-            for item in group:  # the layers reading the channels lose input columns when a gate closes
-                if group._DG.is_in_channel_pruning_fn(item.dep.handler):
-                    self.flop_budget.gate_inputs(item.dep.target.module, gate, list(item.idxs), list(item.root_idxs))
-            for module, rows, roots in producers:
+            for module, idxs, roots in consumers(group):  # readers lose input columns when a gate closes
+                self.flop_budget.gate_inputs(module, gate, idxs, roots)
+            for module, rows, roots in makers:
                 self.flop_budget.gate_outputs(module, gate, rows, roots)
                 for name in ("weight", "bias"):
                     if getattr(module, name, None) is not None:
@@ -155,8 +112,104 @@ class MaskedNetwork(MorphoNetwork):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.net(*args, **kwargs)
 
+    # --- the masks, as the LightningModule and the callbacks drive them ----------------------------------------
     def morpho_layers(self) -> list[Mask]:
+        """The masks (connection masks or unit gates) in module order."""
         return [m for m in self.modules() if isinstance(m, Mask)]
+
+    def attentions(self) -> list[HeadGate]:
+        return [m for m in self.modules() if isinstance(m, HeadGate)]
+
+    def set_temperature(self, t: float) -> None:
+        t = check_temperature(t)
+        for module in [*self.morpho_layers(), *self.attentions()]:
+            module.set_temperature(t)
+
+    def set_mask_mode(self, mode: MaskMode) -> None:
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mask mode must be soft or hard, got {mode!r}.")
+        for layer in self.morpho_layers():
+            layer.mask_mode = mode
+
+    def _masked_weights(self, on: Callable[[Mask], Tensor]) -> tuple[Tensor | int, int]:
+        """(sum over masks of weights_per_mask_entry * on(mask), the masked weights in all)."""
+        kept: Tensor | int = 0
+        total = 0
+        for layer in self.morpho_layers():
+            kept = kept + layer.weights_per_mask_entry * on(layer)
+            total += layer.weights_per_mask_entry * layer.mask_logits.numel()
+        return kept, total
+
+    @torch.no_grad()
+    def weighted_density(self) -> float:
+        """Fraction of masked *weights* whose mask is on (a conv mask entry counts once per input channel); exact
+        integer counts, unlike the straight-through ``kept_fraction``."""
+        kept, total = self._masked_weights(lambda layer: (layer.mask_logits > 0).sum())
+        return int(kept) / total if total else 1.0
+
+    def kept_fraction(self, budget: Budget = "weights") -> Tensor:
+        """The fraction of the budget the hard masks keep, with a straight-through gradient (that of the soft
+        masks): masked weights or, for unit gates, FLOPs (``models.flop_budget``)."""
+        if budget == "flops":
+            return self._flop_budget().kept(lambda gate: gate.straight_through())
+        kept, total = self._masked_weights(lambda layer: layer.straight_through().sum())
+        return kept / total if total else torch.ones(())
+
+    def penalty_count(self, budget: Budget = "weights") -> int:
+        """n of the intended penalty ``lambda n (D - d)^2``: the masked weights (budget weights), or the gate entries
+        (budget flops), so that the mean push on a gate is that on one connection of an MLP's masks."""
+        if budget == "flops":
+            return sum(gate.mask_logits.numel() for gate in self._flop_budget().gates())
+        return self._masked_weights(lambda layer: 0)[1]
+
+    def _flop_budget(self) -> FlopBudget:
+        budget = getattr(self, "flop_budget", None)
+        if budget is None:
+            raise ValueError(f"budget flops counts the FLOPs that unit gates remove; {network_name(self.net)} has "
+                             "connection masks, whose export keeps the dense FLOPs: use granularity unit on a plain "
+                             "network, or budget weights.")
+        return budget
+
+    def mask_penalty(self) -> Tensor:
+        """Sum over masks (and attention head gates) of mean(sigmoid(M / T)): upstream's penalty / lambda."""
+        terms = [m.mask_penalty() for m in [*self.morpho_layers(), *self.attentions()]]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def prune_(self, threshold: float) -> int:
+        return sum(layer.prune_(threshold) for layer in self.morpho_layers())
+
+    @torch.no_grad()
+    def prune_to_density_(self, density: float, budget: Budget = "weights") -> int:
+        """Switch off the on-entries with the lowest logits (all layers ranked together) until the budget's
+        density is at most ``density``; returns how many mask entries were pruned (M := -100)."""
+        if budget == "flops":
+            return self._flop_budget().prune_to_(density)
+        layers = self.morpho_layers()
+        total = self._masked_weights(lambda layer: 0)[1]
+        excess = total * (self.weighted_density() - density)
+        if excess <= 0:
+            return 0
+        logits = torch.cat([layer.mask_logits.flatten() for layer in layers])
+        weights = torch.cat([torch.full((layer.mask_logits.numel(),), float(layer.weights_per_mask_entry)) for layer in layers])
+        on = torch.nonzero(logits > 0).flatten()
+        order = on[torch.argsort(logits[on], stable=True)]  # weakest first
+        count = int(torch.searchsorted(torch.cumsum(weights[order], 0), torch.tensor(excess - 1e-9)).item()) + 1
+        chosen = torch.zeros_like(logits, dtype=torch.bool)
+        chosen[order[:count]] = True
+        start = 0
+        for layer in layers:
+            size = layer.mask_logits.numel()
+            layer.mask_logits[chosen[start : start + size].view_as(layer.mask_logits)] = PRUNED_LOGIT
+            start += size
+        return min(count, len(order))
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """Mask logits, skip gates and attention head logits (Adam, no weight decay, upstream)."""
+        return [p for n, p in self.named_parameters() if n.rpartition(".")[2] in MASK_PARAMETER_NAMES]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (AdamW, upstream)."""
+        return [p for n, p in self.named_parameters() if n.rpartition(".")[2] not in MASK_PARAMETER_NAMES]
 
     # --- export -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,66 +221,17 @@ class MaskedNetwork(MorphoNetwork):
         masked.set_mask_mode("hard")
         for module in list(masked.net.modules()):
             if parametrize.is_parametrized(module):
-                _fold_parametrizations(module)
+                fold_parametrizations(module)
         return masked.net.eval()
 
     @torch.inference_mode(False)  # Lightning's test loop runs in inference mode; its tensors cannot be traced
     @torch.no_grad()
     def export(self, prune_threshold: float | None = None) -> nn.Module:
-        """The deployed network: hard mask folded in, channels zero in every producer removed (torch-pruning)."""
+        """The deployed network: hard mask folded in, channels that cannot change the output removed."""
         reference = self.hard_plain(prune_threshold)
-        plain = copy.deepcopy(reference)
-        graph = dependency_graph(plain, self.trace_input)
-        for group in coupled_groups(graph, plain, self.output_name):
-            dead = _zero_channels(group)
-            if dead:
-                graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
-        _check_export(reference, plain, self.trace_input, network_name(self.net))
-        return plain.eval()
-
-
-def _fold_parametrizations(module: nn.Module) -> None:
-    """Replace every parametrized tensor of ``module`` by a plain parameter holding its current value.
-
-    Written by hand because ``parametrize.remove_parametrizations`` deletes the property from the subclass that
-    parametrize injected, and a deep copy shares that class with the original: the original would lose its weight.
-    """
-    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-    module.__class__ = module.__class__.__bases__[0]  # the class before parametrize injected its subclass
-    del module.parametrizations
-    for name, value in values.items():
-        module.register_parameter(name, nn.Parameter(value))
-
-
-@torch.no_grad()
-def _zero_channels(group: Any) -> list[int]:
-    """Root indices of the group's channels that every producing layer outputs as exactly zero (at most all but
-    one: a layer keeps one channel)."""
-    producers = list(_producers(group))
-    if not producers or not exactly_gateable(group):
-        return []
-    alive = torch.zeros(len(group[0].idxs), dtype=torch.bool)
-    for module, rows, roots in producers:
-        rows_t, roots_t = torch.tensor(rows), torch.tensor(roots)
-        for name in ("weight", "bias"):
-            p = getattr(module, name, None)
-            if p is not None:
-                alive[roots_t] |= p[rows_t].flatten(1).ne(0).any(1) if p.dim() > 1 else p[rows_t].ne(0)
-        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and not module.affine:
-            alive[roots_t] = True  # BN(0) = -mean / std without an affine to zero it
-    dead = torch.nonzero(~alive).flatten().tolist()
-    return dead[: len(alive) - 1]
-
-
-def _check_export(reference: nn.Module, exported: nn.Module, example_input: Any, network: str) -> None:
-    x = _export_check_input(example_input)
-    want, got = reference(x), exported(x)
-    error = float((want - got).abs().max())
-    scale = max(float(want.abs().max()), 1.0)
-    if error > EXPORT_TOLERANCE * scale:
-        raise RuntimeError(f"MorphoNet export of {network}: removing its zero channels changed the output by "
-                           f"{error:.3g}; an activation after a pruned channel does not map 0 to 0 (use "
-                           "exclude_modules for those layers or granularity: connection).")
+        plain = remove_dead_channels(copy.deepcopy(reference), self.trace_input, self.output_name)
+        check_export(reference, plain, self.trace_input, network_name(self.net))
+        return plain
 
 
 def apply_masks(net: nn.Module, example_input: Any, **kwargs: Any) -> MaskedNetwork:

@@ -3,13 +3,13 @@
 ``Mask`` holds the mask logits M, the temperature T (a persistent buffer set from outside), the mode (``soft``:
 sigmoid(M / T), training; ``hard``: 1[M > 0], evaluation) and pruning (``prune_(tau)``: entries with
 sigmoid(M / T) < tau are pinned to M = -100). Everything MorphoNet's callbacks read from a masked layer
-(``mask_logits``, ``density``, ``weights_per_mask_entry``, ``temperature``, ...) lives here, so they drive
-``models.MorphoLinear`` / ``MorphoConv2d`` and the masks put on any network alike.
+(``mask_logits``, ``density``, ``weights_per_mask_entry``, ``temperature``, ...) lives here.
 
-The masks put on any network are ``torch.nn.utils.parametrize`` parametrizations of a layer's parameters:
+The masks are ``torch.nn.utils.parametrize`` parametrizations of a layer's parameters (``models.masked_network``
+puts them on any network; the spec's networks, ``models.morphonet``, are presets of it):
 
 * ``ConnectionMask`` (granularity ``connection``): one logit per weight of a Linear, one per kernel position of
-  each output filter of a Conv2d, shared across its input channels (as ``MorphoConv2d``): ``W' = W * mask``;
+  each output filter of a Conv2d, shared across its input channels (as upstream's conv): ``W' = W * mask``;
 * ``UnitGate`` (granularity ``unit``): one logit per output unit / channel, shared by every layer whose outputs
   are coupled to that channel (a residual add, a BatchNorm, a depthwise convolution: one torch-pruning group);
   each coupled parameter gets a ``GatedRows`` parametrization ``p'[i] = p[i] * mask[root(i)]``, the bias and

@@ -1,10 +1,11 @@
-"""Self-attention for ``models.MorphoTransformer``: plain multi-head attention and MorphoNet's head-gated variant
+"""Self-attention for ``models.MorphoTransformer``, and MorphoNet's head gates as a parametrization of it
 (spec: shared/specs/morphreuse_morphonet.md 2.2)."""
 
 import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from models.masks import check_temperature
 
@@ -13,8 +14,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention (fused qkv Linear(d, 3d), output Linear(d, d)), plain torch.
 
     ``key_padding_mask`` (B x L, True = real token) sets padded keys' scores to -inf; a sequence with no real
-    token at all attends uniformly instead of producing NaN. Subclasses may scale each head's scores
-    (``head_scale``).
+    token at all attends uniformly instead of producing NaN.
     """
 
     def __init__(self, d_model: int, n_heads: int) -> None:
@@ -25,16 +25,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def head_scale(self) -> Tensor | None:
-        return None
-
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        scale = self.head_scale()
-        if scale is not None:
-            scores = scores * scale.view(1, -1, 1, 1)
         if key_padding_mask is not None:
             keep = key_padding_mask.bool()
             keep = keep | ~keep.any(-1, keepdim=True)
@@ -43,14 +37,13 @@ class SelfAttention(nn.Module):
         return self.proj(out)
 
 
-class MorphoAttention(SelfAttention):
-    """Self-attention whose head h's scores are multiplied by sigmoid(m_h / T) before the softmax (spec 2.2
-    parity: this rescales the head's softmax temperature, it cannot switch the head off). ``head_logits``
-    m ~ N(0, 0.1^2) are mask parameters; the head scale is the same in soft and hard mask mode, and export
-    folds it into the query projection. No prune."""
+class HeadGate(nn.Module):
+    """MorphoNet's per-head score scale sigmoid(m_h / T) (spec 2.2 parity): ``head_logits`` m ~ N(0, 0.1^2) are
+    mask parameters; the scale is the same in soft and hard mask mode (it rescales a head's softmax temperature,
+    it cannot switch the head off) and nothing prunes it."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__(d_model, n_heads)
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
         self.head_logits = nn.Parameter(torch.randn(n_heads) * 0.1)
         self.register_buffer("temperature", torch.tensor(1.0))
 
@@ -63,9 +56,25 @@ class MorphoAttention(SelfAttention):
     def mask_penalty(self) -> Tensor:
         return self.head_scale().mean()
 
-    def count_dense_equivalent_parameters(self) -> int:
-        return sum(p.numel() for m in (self.qkv, self.proj) for p in m.parameters())
 
-    @torch.no_grad()
-    def count_nonzero_parameters(self) -> int:
-        return sum(int(torch.count_nonzero(p)) for m in (self.qkv, self.proj) for p in m.parameters())
+class QueryScale(nn.Module):
+    """Parametrization of a fused qkv projection's weight (3d, d) or bias (3d,): the query rows of head h times
+    the gate's scale s_h. Since ``q_h . k = s_h (q_h . k)`` for the scaled query, this multiplies head h's
+    scores by s_h; folding the parametrization (export) leaves a plain ``SelfAttention``."""
+
+    def __init__(self, gate: HeadGate, d_model: int, head_dim: int) -> None:
+        super().__init__()
+        self.gate, self.d_model, self.head_dim = gate, d_model, head_dim
+
+    def forward(self, p: Tensor) -> Tensor:
+        scale = self.gate.head_scale().repeat_interleave(self.head_dim).to(p.dtype)  # one per query row
+        ones = torch.ones(p.shape[0] - self.d_model, dtype=p.dtype, device=p.device)
+        return p * torch.cat([scale, ones]).view(-1, *[1] * (p.dim() - 1))
+
+
+def gate_heads(attention: SelfAttention) -> HeadGate:
+    """Put one ``HeadGate`` on ``attention``'s heads (``QueryScale`` on its qkv weight and bias); returns it."""
+    gate = HeadGate(attention.n_heads)
+    for name in ("weight", "bias"):
+        parametrize.register_parametrization(attention.qkv, name, QueryScale(gate, attention.d_model, attention.head_dim))
+    return gate

@@ -1,40 +1,25 @@
-"""Export a trained MorphoNet network as the plain, physically smaller model it amounts to (spec 2.5).
+"""MorphoNet's export: the hard-masked network as the plain, physically smaller network it amounts to (spec 2.5).
 
-``export_pruned(model)`` returns a NEW ``nn.Sequential`` of ``nn.Linear`` / ``nn.Conv2d`` / ``nn.ReLU`` /
-``nn.AdaptiveAvgPool2d`` / ``nn.Flatten`` / ``nn.Dropout`` (and ``SkipLinear`` for a skip-connected layer) that
-predicts exactly what ``model`` predicts with ``set_mask_mode("hard")`` in eval mode:
+``remove_dead_channels(net, example_input, output_name)`` removes, with torch-pruning, every channel of a coupled
+group (``models.channel_groups``) that cannot change the output, and leaves a plain ``nn.Module`` that predicts
+what ``net`` predicts. A channel is removed when, at every layer that reads it,
 
-1. the hard mask is folded into the weights (W <- W * 1[M > 0]); mask logits disappear; a BatchNorm that
-   directly follows a layer is folded into it with its running statistics (eval semantics), so the skip scale
-   of a skip-connected layer becomes a per-unit vector sigmoid(g) * gamma / sqrt(var + eps);
-2. hidden units that cannot influence the output are removed, repeatedly until nothing changes:
-   * a unit whose outgoing weights in the next layer are all zero is dropped;
-   * a unit whose incoming weights are all zero outputs the constant c = act(b) (BN folded); it is dropped and
-     ``W_next[:, j] * c`` is added to the next layer's bias. For a conv channel the constant map passes ReLU,
-     average pooling and flattening unchanged, so it folds into the following linear layer's bias (summed over
-     the pooled positions it feeds). Before another conv a constant channel is only dropped when c == 0:
-     zero padding makes a non-zero constant's contribution position dependent;
-   * a skip connection (in == out) ties unit j of the layer's input to unit j of its output: the chain of tied
-     units is removed only as a whole, when a leading part of it is constant (no weight enters it from outside
-     the chain; its outgoing weights are folded into biases) and the rest is unread (no weight leaves it to
-     outside the chain) - all-constant and all-unread chains included - and never when it reaches the input
-     features or the output classes;
-   input features and output classes are never removed.
+* the layer's weights on it are zero (*unread*: nothing leaves the channel), or
+* the channel is a constant c (*unfed*: every Linear / Conv2d producing it has a zero weight row, so it is
+  ``act(b)``, BatchNorm and skip paths included) and the reader is a Linear, whose bias absorbs ``W[:, j] c``,
+  or c = 0. c is read at the layer's input on a random batch, and a channel counts as constant only when the
+  weights say so *and* the batch agrees (a skip path from the network's input makes it vary). A non-zero
+  constant before a convolution stays: zero padding makes its contribution position dependent.
 
-The returned model is in eval mode (BatchNorm is folded, so training it would not be equivalent anyway).
-
-For ``MorphoTransformer`` no unit is removed: the export is a copy whose MorphoLinear layers are plain
-``nn.Linear`` with the hard mask folded in and whose attentions are plain ``SelfAttention`` with the per-head
-score scale sigmoid(m_h / T) folded into the query projection (no mask parameters remain; the container class
-stays ``MorphoTransformer`` so that it takes the same dict batches).
+Passes repeat until nothing changes (removing a reader can leave its producers unread). The output layer's
+classes and the network's inputs are never removed; a layer keeps at least one channel. This holds for any
+network; ``check_export`` compares the result with the hard-masked network on a random batch and refuses, in one
+sentence, a network where removing a channel was not exact.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,231 +27,159 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from models.accounting import count_dense_equivalent, count_nonzero
-from models.masked_network import MaskedNetwork
-from models.morphonet import MaskedLayer, MorphoAttention, MorphoConv2d, MorphoLinear, MorphoTransformer, SelfAttention
+from models.channel_groups import MASKABLE, consumers, coupled_groups, dependency_graph, exactly_gateable, producers
 
-PASS_THROUGH = (nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-"""Modules allowed between two weight layers: they map a constant feature map to a constant."""
-
-
-class SkipLinear(nn.Linear):
-    """``y = x W^T + b + s * x`` with s a scalar or a per-unit vector (an exported skip-connected layer)."""
-
-    def __init__(self, in_features: int, out_features: int, skip_scale: Tensor, **kwargs: Any) -> None:
-        super().__init__(in_features, out_features, **kwargs)
-        self.skip_scale = nn.Parameter(skip_scale.to(self.weight).clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + self.skip_scale * x
+EXPORT_TOLERANCE = 1e-4
+MAX_PASSES = 10
 
 
-@dataclass
-class _Layer:
-    """One weight layer of the chain, hard mask and BN folded in, plus the pass-through modules after it."""
+def fold_parametrizations(module: nn.Module) -> None:
+    """Replace every parametrized tensor of ``module`` by a plain parameter holding its current value.
 
-    weight: Tensor  # (out, in) or (out, in, k, k)
-    bias: Tensor
-    skip: Tensor | None = None  # scale of the identity path (linear, in == out): scalar or (out,)
-    conv: dict[str, Any] | None = None  # stride / padding of a convolution
-    after: list[nn.Module] = field(default_factory=list)
-    group: int = 1  # input columns fed by one producer unit (a linear layer after a flattened conv: H * W)
-
-    @property
-    def relu(self) -> bool:
-        return any(isinstance(m, nn.ReLU) for m in self.after)
-
-    def feeds(self) -> Tensor:
-        """(out, producer units) bool: which input units this layer's outputs read (skip diagonal excluded)."""
-        nz = self.weight != 0
-        nz = nz.flatten(2).any(-1) if self.conv else nz.view(nz.shape[0], nz.shape[1] // self.group, self.group).any(-1)
-        if self.skip is not None:
-            nz.fill_diagonal_(False)
-        return nz
-
-    def act(self, value: Tensor) -> Tensor:
-        return value.clamp(min=0) if self.relu else value
+    Written by hand because ``parametrize.remove_parametrizations`` deletes the property from the subclass that
+    parametrize injected, and a deep copy shares that class with the original: the original would lose its weight.
+    """
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]  # the class before parametrize injected its subclass
+    del module.parametrizations
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value))
 
 
-def _parse(sequential: nn.Sequential) -> tuple[list[nn.Module], list[_Layer]]:
-    prefix: list[nn.Module] = []
-    layers: list[_Layer] = []
-    for module in sequential:
-        if isinstance(module, (MorphoLinear, nn.Linear, MorphoConv2d, nn.Conv2d)):
-            masked = isinstance(module, MaskedLayer)
-            weight = module.masked_weight(hard=True) if masked else module.weight
-            bias = module.bias if module.bias is not None else weight.new_zeros(weight.shape[0])
-            skip = torch.sigmoid(module.skip_gate) if masked and module.skip_gate is not None else None
-            conv = None
-            if isinstance(module, (MorphoConv2d, nn.Conv2d)):
-                conv = {"stride": module.stride, "padding": module.padding}
-                if not masked and (module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros"):
-                    raise ValueError("export_pruned supports plain convolutions (groups 1, dilation 1, zero padding).")
-            group = 1
-            if layers and layers[-1].conv and conv is None:
-                group = weight.shape[1] // layers[-1].weight.shape[0]
-            skip = None if skip is None else skip.detach().clone()
-            layers.append(_Layer(weight.detach().clone(), bias.detach().clone(), skip, conv, [], group))
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and layers and not layers[-1].after:
-            if module.running_var is None:
-                raise ValueError("export_pruned folds BatchNorm with its running statistics (track_running_stats).")
-            layer = layers[-1]
-            scale = (module.weight if module.affine else 1.0) / torch.sqrt(module.running_var + module.eps)
-            shift = module.bias if module.affine else 0.0
-            scale, shift = torch.as_tensor(scale).detach(), torch.as_tensor(shift).detach()
-            layer.weight = layer.weight * scale.view(-1, *[1] * (layer.weight.dim() - 1))
-            layer.bias = (layer.bias - module.running_mean) * scale + shift
-            if layer.skip is not None:
-                layer.skip = layer.skip * scale
-        elif isinstance(module, PASS_THROUGH):
-            (layers[-1].after if layers else prefix).append(copy.deepcopy(module))
-        else:
-            raise ValueError(f"export_pruned cannot handle {type(module).__name__} here (supported: Linear/Conv2d, "
-                             "a BatchNorm right after them, ReLU, AdaptiveAvgPool2d, Flatten, Dropout).")
-    return prefix, layers
+def check_input(example_input: Any) -> Any:
+    """A random batch of at least 4 shaped like ``example_input`` (token dicts are used as they are)."""
+    if isinstance(example_input, Tensor) and example_input.is_floating_point():
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(max(4, example_input.shape[0]), *example_input.shape[1:], generator=generator)
+    return example_input
 
 
-def _removal_pass(layers: list[_Layer]) -> bool:
-    """Remove every currently removable chain of hidden units once; True if anything was removed."""
-    n = len(layers)  # activation a (1..n-1) is produced by layers[a-1] and read by layers[a]
-    feeds = [layer.feeds() for layer in layers]
-    unread = [[]] + [(~feeds[a].any(0)).tolist() for a in range(1, n)]  # no weight leaves the unit
-    unfed = [[]] + [(~feeds[a - 1].any(1)).tolist() for a in range(1, n)]  # no weight enters the unit
-    remove = [None] + [torch.zeros(len(unread[a]), dtype=torch.bool) for a in range(1, n)]
-    const = [None] + [torch.zeros_like(layers[a - 1].bias) for a in range(1, n)]
-    for start in range(1, n):
-        if layers[start - 1].skip is not None:
-            continue  # tied to the previous activation (or the input): handled from the chain's start
-        end = start
-        while end < n and layers[end].skip is not None:
-            end += 1
-        if end == n:
-            continue  # the chain reaches the output classes
-        chain = range(start, end + 1)
-        for j in range(len(unread[start])):
-            # a constant prefix of the chain (no weight enters it) folds into the next biases; the rest of the
-            # chain must be unread (no weight leaves it): then the whole chain goes
-            values, value = [], None
-            for a in chain:
-                if not unfed[a][j]:
-                    break
-                producer = layers[a - 1]
-                pre = producer.bias[j]
-                if value is not None:  # the previous chain unit, through the diagonal weight and the skip path
-                    pre = pre + (producer.weight[j, j] + _skip_at(producer, j)) * value
-                value = producer.act(pre)
-                if layers[a].conv and bool(value != 0) and not unread[a][j]:
-                    break  # a non-zero constant map before a zero-padded conv is position dependent
-                values.append(value)
-            if all(unread[a][j] for a in chain[len(values):]):
-                for a, v in zip(chain, values + [None] * (len(chain) - len(values))):
-                    remove[a][j] = True
-                    if v is not None:
-                        const[a][j] = v
-    changed = False
-    for a in range(1, n):
-        removed = remove[a].to(layers[a].weight.device)
-        if not removed.any():
-            continue
-        changed = True
-        consumer, producer, keep = layers[a], layers[a - 1], ~removed
-        if not consumer.conv:  # fold the constants (zero for dead-ended units)
-            out, cols = consumer.weight.shape
-            per_unit = consumer.weight.view(out, cols // consumer.group, consumer.group).sum(-1)
-            consumer.bias = consumer.bias + per_unit @ torch.where(removed, const[a], 0.0)
-        producer.weight, producer.bias = producer.weight[keep], producer.bias[keep]
-        if producer.skip is not None and producer.skip.dim() == 1:
-            producer.skip = producer.skip[keep]
-        consumer.weight = consumer.weight[:, keep if consumer.conv else keep.repeat_interleave(consumer.group)]
-    return changed
+def _reads(module: nn.Module, idxs: list[int], roots: list[int], row_roots: Tensor | None) -> Tensor:
+    """Per index of ``idxs``: whether a weight of ``module`` carries that input channel into a *different* channel
+    (a read by the channel's own row, the diagonal of a skip-connected layer or a depthwise filter, does not
+    count: ``row_roots`` are the group's roots of ``module``'s output rows, -1 outside the group). Unknown reads
+    (a grouped, non-depthwise convolution) count."""
+    w = module.weight
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if module.groups == module.in_channels == module.out_channels:  # depthwise: channel j is read by filter j
+            own = row_roots is not None and bool((row_roots[idxs] == torch.tensor(roots)).all())
+            return torch.zeros(len(idxs), dtype=torch.bool) if own else w[idxs].flatten(1).ne(0).any(1)
+        return torch.ones(len(idxs), dtype=torch.bool)
+    nonzero = w[:, idxs].flatten(2).ne(0).any(2) if w.dim() > 2 else w[:, idxs].ne(0)  # (out, len(idxs))
+    if row_roots is not None:
+        nonzero &= row_roots[:, None] != torch.tensor(roots)[None, :]
+    return nonzero.any(0)
 
 
-def _skip_at(layer: _Layer, j: int) -> Tensor:
-    return layer.skip if layer.skip.dim() == 0 else layer.skip[j]
+def _fed(module: nn.Module, rows: list[int], roots: list[int], reads: tuple[list[int], list[int]] | None) -> Tensor:
+    """Per row of ``rows``: whether a non-zero weight feeds it from outside its own channel (a Linear's diagonal
+    read of its own channel, ``reads`` = (idxs, roots) of its input in the group, keeps a constant constant)."""
+    w = module.weight[rows].flatten(2).ne(0).any(2) if module.weight.dim() > 2 else module.weight[rows].ne(0)
+    if reads is not None and isinstance(module, nn.Linear):
+        idxs, in_roots = reads
+        own = torch.tensor(roots)[:, None] == torch.tensor(in_roots)[None, :]
+        w[:, idxs] &= ~own
+    return w.any(1)
 
 
-def _materialise(make: Any, like: Tensor, state: dict[str, Tensor]) -> nn.Module:
-    """Build ``make()`` on the meta device (no initialisation, the global RNG is left alone) and load ``state``."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # a layer whose units all died
-        module = make()
-    module = module.to_empty(device=like.device).to(like.dtype)
-    module.load_state_dict({k: v.detach() for k, v in state.items()})
-    return module
+def _input_values(net: nn.Module, x: Any, modules: list[nn.Module]) -> dict[int, Tensor]:
+    """The input each of ``modules`` receives on the batch ``x`` (one forward pass)."""
+    seen: dict[int, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(id(m), args[0].detach())) for m in modules]
+    try:
+        net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
 
 
-def _build(prefix: list[nn.Module], layers: list[_Layer]) -> nn.Sequential:
-    modules = list(prefix)
-    for layer in layers:
-        w, state = layer.weight, {"weight": layer.weight, "bias": layer.bias}
-        if layer.conv:
-            module = _materialise(lambda: nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), **layer.conv), w, state)
-        elif layer.skip is not None:
-            state["skip_scale"] = layer.skip
-            module = _materialise(lambda: SkipLinear(w.shape[1], w.shape[0], layer.skip), w, state)
-        else:
-            module = _materialise(lambda: nn.Linear(w.shape[1], w.shape[0]), w, state)
-        modules += [module, *layer.after]
-    return nn.Sequential(*modules)
-
-
-def _plain_linear(layer: MorphoLinear) -> nn.Linear:
-    weight = layer.masked_weight(hard=True).detach()
-    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(weight[:, 0])
-    skip = None if layer.skip_gate is None else torch.sigmoid(layer.skip_gate).detach()
-    return _build([], [_Layer(weight, bias, skip)])[0]
-
-
-def _plain_attention(attention: MorphoAttention) -> SelfAttention:
-    """A plain ``SelfAttention`` with the head scale folded into the query rows of the qkv projection."""
-    d = attention.d_model
-    state = {k: v.detach().clone() for k, v in attention.state_dict().items() if k.startswith(("qkv.", "proj."))}
-    scale = attention.head_scale().detach().repeat_interleave(attention.head_dim)  # (d,): one per query row
-    state["qkv.weight"][:d] *= scale[:, None]
-    state["qkv.bias"][:d] *= scale
-    return _materialise(lambda: SelfAttention(d, attention.n_heads), attention.qkv.weight, state)
-
-
-def _export_transformer(model: MorphoTransformer) -> MorphoTransformer:
-    exported = copy.deepcopy(model)
-    for name, module in list(exported.named_modules()):
-        if isinstance(module, (MorphoLinear, MorphoAttention)):
-            parent, _, child = name.rpartition(".")
-            plain = _plain_linear(module) if isinstance(module, MorphoLinear) else _plain_attention(module)
-            setattr(exported.get_submodule(parent), child, plain)
-    return exported.eval()
+def _constants(values: Tensor, module: nn.Module, idxs: list[int]) -> tuple[Tensor, Tensor]:
+    """(is constant, the constant) of the input of ``module`` at each of its channels ``idxs`` on the batch."""
+    v = values.movedim(1 if isinstance(module, nn.Conv2d) else -1, 0)[idxs].flatten(1)  # (channels, batch x positions)
+    return (v == v[:, :1]).all(1), v[:, 0]
 
 
 @torch.no_grad()
-def export_pruned(model: nn.Module, prune_threshold: float | None = None) -> nn.Module:
-    """The deployed model of a MorphoNet network (see the module docstring); ``model`` is not changed.
+def _removable(group: Any, net: nn.Module, x: Any) -> list[int]:
+    """Root indices of the group's channels that can be removed exactly (see the module docstring); the biases
+    of the Linear readers of removed constant channels absorb them."""
+    if not exactly_gateable(group):
+        return []
+    size = len(group[0].idxs)
+    makers = [(m, rows, roots) for m, rows, roots in producers(group) if isinstance(m, MASKABLE)]
+    readers = [(m, idxs, roots) for m, idxs, roots in consumers(group) if isinstance(m, MASKABLE)]
+    row_roots = {}
+    for module, rows, roots in makers:
+        row_roots[id(module)] = torch.full((module.weight.shape[0],), -1, dtype=torch.long)
+        row_roots[id(module)][rows] = torch.tensor(roots)
+    reads_of = {id(m): (idxs, roots) for m, idxs, roots in readers}
+    unfed = torch.ones(size, dtype=torch.bool)
+    for module, rows, roots in makers:
+        unfed[roots] &= ~_fed(module, rows, roots, reads_of.get(id(module)))
+    read = torch.zeros(size, dtype=torch.bool)
+    reads = [_reads(m, idxs, roots, row_roots.get(id(m))) for m, idxs, roots in readers]
+    for (_, _, roots), nonzero in zip(readers, reads):
+        read[torch.tensor(roots)[nonzero]] = True
+    removable = ~read
+    folds = []
+    if bool((unfed & read).any()):  # constant channels: removable where every reader can take the constant
+        values = _input_values(net, x, [m for m, _, _ in readers])
+        removable |= unfed
+        for (module, idxs, roots), nonzero in zip(readers, reads):
+            if id(module) not in values:  # not called on this input: nothing to fold, the read decides
+                removable[torch.tensor(roots)[nonzero]] = False
+                continue
+            constant, c = _constants(values[id(module)], module, idxs)
+            absorbs = isinstance(module, nn.Linear) and module.bias is not None
+            ok = ~nonzero | (constant & ((c == 0) | absorbs))
+            removable[torch.tensor(roots)[~ok]] = False
+            folds.append((module, idxs, torch.tensor(roots), torch.where(nonzero & constant, c, 0.0)))
+    dead = torch.nonzero(removable).flatten()[: size - 1]
+    chosen = torch.zeros(size, dtype=torch.bool)
+    chosen[dead] = True
+    for module, idxs, roots, c in folds:  # the readers' biases absorb the constants of the removed channels
+        fold = chosen[roots] & c.ne(0)
+        if fold.any():
+            module.bias += module.weight[:, torch.tensor(idxs)[fold]] @ c[fold].to(module.weight.dtype)
+    return dead.tolist()
 
-    Args:
-        model: a ``MorphoMLP``, ``MorphoCNN`` (anything with a ``layers`` Sequential of supported modules),
-            ``MorphoTransformer`` or a ``models.masked_network.MaskedNetwork`` (any network; its own ``export``).
-        prune_threshold: if given, ``prune_(prune_threshold)`` is applied to a copy of ``model`` first.
-    """
-    if isinstance(model, MaskedNetwork):  # before any copy: a copy made in Lightning's inference mode cannot be traced
-        return model.export(prune_threshold)
-    if prune_threshold is not None:
-        model = copy.deepcopy(model)
-        model.prune_(prune_threshold)
-    if isinstance(model, MorphoTransformer):
-        return _export_transformer(model)
-    sequential = getattr(model, "layers", None)
-    if not isinstance(sequential, nn.Sequential):
-        raise TypeError(f"export_pruned needs a MorphoMLP, MorphoCNN or MorphoTransformer, got {type(model).__name__}.")
-    prefix, layers = _parse(sequential)
-    while _removal_pass(layers):
-        pass
-    return _build(prefix, layers).eval()
+
+@torch.no_grad()
+def remove_dead_channels(net: nn.Module, example_input: Any, output_name: str) -> nn.Module:
+    """Remove, in place, every channel of ``net`` that cannot change its output (module docstring); returns ``net``."""
+    x = check_input(example_input)
+    for _ in range(MAX_PASSES):
+        graph = dependency_graph(net, example_input)
+        removed = 0
+        for group in coupled_groups(graph, net, output_name):
+            dead = _removable(group, net, x)
+            if dead:
+                graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
+                removed += len(dead)
+        if not removed:
+            break
+    return net.eval()
+
+
+def check_export(reference: nn.Module, exported: nn.Module, example_input: Any, network: str) -> None:
+    """Refuse, in one sentence, an export that does not predict what ``reference`` predicts."""
+    x = check_input(example_input)
+    want, got = reference(x), exported(x)
+    error = float((want - got).abs().max())
+    scale = max(float(want.abs().max()), 1.0)
+    if error > EXPORT_TOLERANCE * scale:
+        raise RuntimeError(f"MorphoNet export of {network}: removing its dead channels changed the output by "
+                           f"{error:.3g}; a layer after a removed channel does not map its constant through (use "
+                           "exclude_modules for those layers or granularity: connection).")
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (MaskedLayer, nn.Linear, nn.Conv2d))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MASKABLE)]
 
 
 def _widths(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, (MorphoConv2d, nn.Conv2d)):
+    if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels
     return module.in_features, module.out_features
 
@@ -274,19 +187,18 @@ def _widths(module: nn.Module) -> tuple[int, int]:
 def export_summary(model: nn.Module, exported: nn.Module) -> dict[str, Any]:
     """Per weight layer: in/out widths before and after export and the exported layer's parameter counts; plus
     totals (exported parameters, their non-zero count, the model's dense equivalent and hard-mask non-zero)."""
-    hard = model.hard_plain() if isinstance(model, MaskedNetwork) else model
+    hard = model.hard_plain()
     before, after = _weight_layers(hard), _weight_layers(exported)
     if len(before) != len(after):
         raise ValueError(f"export_summary: {len(before)} weight layers in the model but {len(after)} in the export.")
-    masked_names = {n for n, m in model.named_modules() if parametrize.is_parametrized(m)}
-    masked_names = {n.removeprefix("net.") for n in masked_names}
+    masked_names = {n.removeprefix("net.") for n, m in model.named_modules() if parametrize.is_parametrized(m)}
     layers = []
     for (name, old), (_, new) in zip(before, after):
         (in_before, out_before), (in_after, out_after) = _widths(old), _widths(new)
         layers.append({
             "name": name,
             "kind": "conv" if isinstance(new, nn.Conv2d) else "linear",
-            "masked": isinstance(old, MaskedLayer) or name in masked_names,
+            "masked": name in masked_names,
             "in_before": in_before, "out_before": out_before, "in_after": in_after, "out_after": out_after,
             "params": sum(p.numel() for p in new.parameters()),
             "nonzero": sum(int(torch.count_nonzero(p)) for p in new.parameters()),

@@ -1,5 +1,5 @@
-"""MorphoNet layers, networks and export: the spec's equations (2.1, 2.2), parameter hooks (2.5) and an export
-that predicts exactly what the hard-masked network predicts while physically removing dead units."""
+"""MorphoNet's masks, preset networks and export: the spec's equations (2.1, 2.2), parameter hooks (2.5) and an
+export that predicts exactly what the hard-masked network predicts while physically removing dead units."""
 
 from __future__ import annotations
 
@@ -7,14 +7,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from models import MLP, ConvNet, MorphoCNN, MorphoMLP, MorphoTransformer
 from models.accounting import count_dense_equivalent, count_nonzero
-from models.morphonet import PRUNED_LOGIT, MaskedLayer, MorphoAttention, MorphoConv2d, MorphoLinear
-from models.morphonet_export import SkipLinear, export_pruned, export_summary
+from models.masked_network import has_connection_mask
+from models.masks import PRUNED_LOGIT
+from models.morpho_attention import SelfAttention, gate_heads
+from models.morphonet import GatedSkip, masked_conv, masked_linear
+from models.morphonet_export import export_summary
 from parsing import parser_refuses
 
 OFF, ON = -5.0, 5.0
+
+
+def masked(net):
+    """The masked layers of a preset, in module order."""
+    return [m for m in net.net.modules() if has_connection_mask(m)]
+
+
+def mask(layer):
+    return layer.parametrizations.weight[0]
+
+
+def W(layer):
+    return layer.parametrizations.weight.original
 
 
 def hard_eval(model):
@@ -29,8 +46,8 @@ def assert_same_logits(model, exported, x):
 
 
 def assert_plain(exported):
-    assert not any(type(m).__name__.startswith("Morpho") or isinstance(m, MaskedLayer) for m in exported.modules())
-    assert not any(n.rpartition(".")[2] in ("mask_logits", "skip_gate", "head_logits") for n, _ in exported.named_parameters())
+    assert not any(parametrize.is_parametrized(m) for m in exported.modules())
+    assert not any(n.rpartition(".")[2] in ("mask_logits", "head_logits") for n, _ in exported.named_parameters())
 
 
 def widths(exported) -> list[int]:
@@ -42,7 +59,7 @@ def randomise_biases_and_bn(model, generator_seed=0):
     g = torch.Generator().manual_seed(generator_seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (MaskedLayer, nn.Linear)) and m.bias is not None:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
             if isinstance(m, nn.BatchNorm1d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g))
@@ -51,90 +68,105 @@ def randomise_biases_and_bn(model, generator_seed=0):
                 m.bias.copy_(torch.randn(m.num_features, generator=g))
 
 
-# --- layers -----------------------------------------------------------------------------------------------
+# --- masked layers ----------------------------------------------------------------------------------------
 
 
 def test_init_statistics():
     torch.manual_seed(0)
-    layer = MorphoLinear(400, 500, init_density=0.4)
-    assert set(layer.mask_logits.unique().tolist()) == {-2.0, 2.0}
-    assert layer.density() == pytest.approx(0.4, abs=0.01)
-    assert 1 - layer.hard_mask().mean().item() == pytest.approx(0.6, abs=0.01)  # hard sparsity at init
-    assert layer.weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
-    assert not layer.bias.any() and layer.skip_gate is None
-    assert float(layer.temperature) == 1.0 and "temperature" in layer.state_dict() and layer.mask_mode == "soft"
-    assert MorphoLinear(8, 8, skip=True).skip_gate.item() == 0.0 and MorphoLinear(8, 9, skip=True).skip_gate is None
+    layer = masked_linear(400, 500, init_density=0.4)
+    m = mask(layer)
+    assert set(m.mask_logits.unique().tolist()) == {-2.0, 2.0}
+    assert m.density() == pytest.approx(0.4, abs=0.01)
+    assert 1 - m.hard_mask().mean().item() == pytest.approx(0.6, abs=0.01)  # hard sparsity at init
+    assert W(layer).std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
+    assert not layer.bias.any()
+    assert float(m.temperature) == 1.0 and m.mask_mode == "soft"
+    assert "parametrizations.weight.0.temperature" in layer.state_dict()
+    net = MorphoMLP((8,), 3, hidden=(8, 8, 5))
+    skips = [m for m in net.modules() if isinstance(m, GatedSkip)]
+    assert len(skips) == 2 and all(s.skip_gate.item() == 0.0 for s in skips)  # 8 -> 8 twice; 8 -> 5 has none
+    assert not any(isinstance(m, GatedSkip) for m in MorphoMLP((8,), 3, hidden=(8, 8), skip=False).modules())
 
 
 def test_forward_is_the_explicit_formula_and_temperature_acts():
     torch.manual_seed(1)
-    layer = MorphoLinear(7, 5)
+    layer = masked_linear(7, 5, 0.4)
+    m = mask(layer)
     with torch.no_grad():
-        layer.mask_logits.normal_(0, 2)
+        m.mask_logits.normal_(0, 2)
         layer.bias.normal_()
     x = torch.randn(4, 7)
-    layer.set_temperature(0.7)
-    W, M, b = layer.weight, layer.mask_logits, layer.bias
-    torch.testing.assert_close(layer(x), x @ (W * torch.sigmoid(M / 0.7)).T + b)
+    m.set_temperature(0.7)
+    M, b = m.mask_logits, layer.bias
+    torch.testing.assert_close(layer(x), x @ (W(layer) * torch.sigmoid(M / 0.7)).T + b)
     soft_07 = layer(x)
-    layer.set_temperature(2.0)
+    m.set_temperature(2.0)
     assert not torch.allclose(layer(x), soft_07)
-    layer.mask_mode = "hard"
-    torch.testing.assert_close(layer(x), x @ (W * (M > 0).float()).T + b)
+    m.mask_mode = "hard"
+    torch.testing.assert_close(layer(x), x @ (W(layer) * (M > 0).float()).T + b)
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature"):
-            layer.set_temperature(bad)
+            m.set_temperature(bad)
     with pytest.raises(ValueError, match="soft or hard"):
-        layer.mask_mode = "binary"
-    skip = MorphoLinear(6, 6, skip=True)
+        m.mask_mode = "binary"
+    skip = GatedSkip(masked_linear(6, 6, 0.4))
     with torch.no_grad():
         skip.skip_gate.fill_(0.3)
     z = torch.randn(3, 6)
-    torch.testing.assert_close(skip(z), z @ (skip.weight * skip.soft_mask()).T + torch.sigmoid(torch.tensor(0.3)) * z)
+    inner = skip.linear
+    expected = z @ (W(inner) * mask(inner).soft_mask()).T + inner.bias + torch.sigmoid(torch.tensor(0.3)) * z
+    torch.testing.assert_close(skip(z), expected)
+    with pytest.raises(ValueError, match="in == out"):
+        GatedSkip(nn.Linear(3, 4))
 
 
 def test_penalty_and_prune():
     torch.manual_seed(2)
-    layer = MorphoLinear(30, 20)
+    m = mask(masked_linear(30, 20, 0.4))
     with torch.no_grad():
-        layer.mask_logits.normal_(0, 3)
-    layer.set_temperature(0.5)
-    penalty = layer.mask_penalty()
+        m.mask_logits.normal_(0, 3)
+    m.set_temperature(0.5)
+    penalty = m.mask_penalty()
     assert penalty.requires_grad
-    torch.testing.assert_close(penalty, torch.sigmoid(layer.mask_logits / 0.5).mean())
-    before = layer.mask_logits.detach().clone()
+    torch.testing.assert_close(penalty, torch.sigmoid(m.mask_logits / 0.5).mean())
+    before = m.mask_logits.detach().clone()
     selected = torch.sigmoid(before / 0.5) < 0.3
     assert 0 < int(selected.sum()) < before.numel()
-    assert layer.prune_(0.3) == int(selected.sum())
-    assert torch.all(layer.mask_logits[selected] == PRUNED_LOGIT)
-    assert torch.equal(layer.mask_logits[~selected], before[~selected])
-    assert layer.prune_(0.3) == 0  # nothing new
+    assert m.prune_(0.3) == int(selected.sum())
+    assert torch.all(m.mask_logits[selected] == PRUNED_LOGIT)
+    assert torch.equal(m.mask_logits[~selected], before[~selected])
+    assert m.prune_(0.3) == 0  # nothing new
     with pytest.raises(ValueError, match="threshold"):
-        layer.prune_(1.5)
+        m.prune_(1.5)
 
 
 def test_conv_mask_is_shared_across_input_channels_and_stride_works():
     torch.manual_seed(3)
-    conv = MorphoConv2d(3, 4, kernel_size=3, stride=2)
-    assert conv.mask_logits.shape == (4, 3, 3) and conv.weight.shape == (4, 3, 3, 3)
+    conv = masked_conv(3, 4, kernel_size=3, stride=2, init_density=0.4)
+    m = mask(conv)
+    assert m.mask_logits.shape == (4, 1, 3, 3) and W(conv).shape == (4, 3, 3, 3) and m.weights_per_mask_entry == 3
     with torch.no_grad():
-        conv.mask_logits.normal_(0, 2)
+        m.mask_logits.normal_(0, 2)
         conv.bias.normal_()
     x = torch.randn(2, 3, 9, 9)
-    expected = F.conv2d(x, conv.weight * torch.sigmoid(conv.mask_logits)[:, None], conv.bias, stride=2, padding=1)
+    expected = F.conv2d(x, W(conv) * torch.sigmoid(m.mask_logits), conv.bias, stride=2, padding=1)
     torch.testing.assert_close(conv(x), expected)
     assert conv(x).shape == (2, 4, 5, 5)
-    hard = conv.masked_weight(hard=True)
-    off = conv.mask_logits <= 0
+    m.mask_mode = "hard"
+    hard = conv.weight
+    off = (m.mask_logits <= 0).squeeze(1)
     assert torch.all(hard.permute(1, 0, 2, 3)[:, off] == 0)  # an off entry zeroes that tap for every input channel
-    assert conv.count_nonzero_parameters() == int((hard != 0).sum()) + 4
-    assert conv.count_dense_equivalent_parameters() == 4 * 3 * 9 + 4
+    assert count_nonzero(conv) == int((hard != 0).sum()) + 4
+    assert count_dense_equivalent(conv) == 4 * 3 * 9 + 4
+    with pytest.raises(ValueError, match="kernel_size and stride"):
+        masked_conv(3, 4, 0, 1, 0.4)
 
 
-def test_attention_ignores_padded_keys():
+def test_attention_ignores_padded_keys_and_head_gates_scale_scores():
     torch.manual_seed(4)
-    attn = MorphoAttention(16, 4).eval()
-    assert attn.head_logits.shape == (4,)
+    attn = SelfAttention(16, 4).eval()
+    gate = gate_heads(attn)
+    assert gate.head_logits.shape == (4,)
     x = torch.randn(2, 7, 16)
     keep = torch.ones(2, 7, dtype=torch.bool)
     keep[0, 4:] = False
@@ -144,9 +176,17 @@ def test_attention_ignores_padded_keys():
     torch.testing.assert_close(out[0, :4], out_changed[0, :4], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[1], out_changed[1])
     assert torch.isfinite(attn(x, torch.zeros(2, 7, dtype=torch.bool))).all()  # fully padded: no NaN
-    # the head gate multiplies the scores: a head with sigmoid(m / T) -> 0 attends uniformly
+    # the gate multiplies head h's scores by s_h (the explicit formula), and s_h -> 0 attends uniformly
     with torch.no_grad():
-        attn.head_logits.fill_(-1e4)
+        gate.head_logits.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    gate.set_temperature(0.5)
+    qkv = F.linear(x, attn.qkv.parametrizations.weight.original, attn.qkv.parametrizations.bias.original)
+    q, k, v = qkv.view(2, 7, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / 2.0 * torch.sigmoid(gate.head_logits / 0.5).view(1, -1, 1, 1)
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(attn(x), expected)
+    with torch.no_grad():
+        gate.head_logits.fill_(-1e4)
     v = attn.qkv(x)[..., 32:]
     torch.testing.assert_close(attn(x), attn.proj(v.mean(1, keepdim=True).expand_as(v)))
 
@@ -197,15 +237,31 @@ def test_heads_must_divide_the_width():
         MorphoTransformer((6,), 2, vocab_size=20, d_model=10, n_heads=4)
 
 
+def test_presets_are_plain_networks_with_masks():
+    """The presets are ``MaskedNetwork`` on plain layers: the masked layers are nn.Linear / nn.Conv2d, the output
+    layer is not masked, and the transformer's attentions are plain ``SelfAttention`` with gated query rows."""
+    mlp = MorphoMLP((4,), 3, hidden=(8, 8))
+    assert [type(m).__bases__[0] for m in masked(mlp)] == [nn.Linear, nn.Linear] and not has_connection_mask(mlp.net[-1])
+    cnn = MorphoCNN((1, 8, 8), 3, channels=(2, 3), hidden=4)
+    assert [type(m).__bases__[0] for m in masked(cnn)] == [nn.Conv2d, nn.Conv2d, nn.Linear]
+    tr = MorphoTransformer((6,), 2, vocab_size=20, d_model=8, n_heads=2, ff_dim=4)
+    names = [n for n, m in tr.net.named_modules() if has_connection_mask(m)]
+    assert names == ["blocks.0.ff1", "blocks.0.ff2", "blocks.1.ff1", "blocks.1.ff2"]
+    assert all(parametrize.is_parametrized(b.attn.qkv, "bias") for b in tr.net.blocks)
+
+
 def test_parameter_hooks_match_the_plain_mlp():
     torch.manual_seed(6)
     morpho = MorphoMLP((2,), 2)
     assert count_dense_equivalent(morpho) == 2_338 == count_dense_equivalent(MLP((2,), 2, hidden=[64, 32]))
     randomise_biases_and_bn(morpho)
-    layers = morpho.morpho_layers()
-    expected = sum(int((l.weight * l.hard_mask() != 0).sum()) + l.bias.numel() for l in layers) + 32 * 2 + 2
+    morpho.set_mask_mode("hard")
+    layers = masked(morpho)
+    expected = sum(int((W(l) * mask(l).hard_mask() != 0).sum()) + l.bias.numel() for l in layers) + 32 * 2 + 2
     assert count_nonzero(morpho) == expected
     assert sum(p.numel() for p in morpho.parameters()) == 2_338 + 2 * 64 + 64 * 32  # + mask logits (upstream "total")
+    skip = MorphoMLP((3,), 2, hidden=(4, 4))  # a skip gate: one non-zero entry, not part of the dense architecture
+    assert count_dense_equivalent(skip) == count_dense_equivalent(MLP((3,), 2, hidden=[4, 4]))
 
 
 @pytest.mark.parametrize("make", [
@@ -233,6 +289,7 @@ def test_network_interface():
     layers = cnn.morpho_layers()
     on = int((layers[0].mask_logits > 0).sum()) * 3 + int((layers[1].mask_logits > 0).sum())
     assert cnn.weighted_density() == pytest.approx(on / (4 * 9 * 3 + 64 * 5))
+    torch.testing.assert_close(cnn.kept_fraction(), torch.tensor(cnn.weighted_density()))
     with torch.no_grad():
         for l in layers:
             l.mask_logits.normal_(0, 3)
@@ -259,16 +316,17 @@ def test_mlp_export_matches_the_hard_masked_model(batch_norm, density, threshold
                 layer.mask_logits.normal_(0, 1.5)
         net.set_temperature(0.5)
         assert net.prune_(threshold) > 0
-    exported = export_pruned(net)
+    exported = net.export()
     assert_plain(exported)
     assert_same_logits(net, exported, torch.randn(64, 3))
-    assert any(isinstance(m, SkipLinear) for m in exported.modules())  # the 12 -> 12 layer keeps its gated skip
+    assert any(isinstance(m, GatedSkip) for m in exported.modules())  # the 12 -> 12 layer keeps its gated skip
     summary = export_summary(net, exported)
     assert summary["params_exported"] == sum(p.numel() for p in exported.parameters())
-    assert summary["params_exported"] == sum(l["in_after"] * l["out_after"] + l["out_after"] for l in summary["layers"]) + (
-        sum(m.skip_scale.numel() for m in exported.modules() if isinstance(m, SkipLinear)))
+    skips_and_norms = sum(p.numel() for m in exported.modules() if isinstance(m, (GatedSkip, nn.BatchNorm1d))
+                          for p in m.parameters(recurse=False))
+    assert summary["params_exported"] == sum(l["in_after"] * l["out_after"] + l["out_after"] for l in summary["layers"]) + skips_and_norms
     if summary["units_removed"]:
-        assert summary["params_exported"] < summary["dense_equivalent"]
+        assert summary["params_exported"] < summary["dense_equivalent"] + skips_and_norms
     if density == 0.1:
         assert summary["units_removed"] > 0  # with 3 inputs at density 0.1 most first-layer units are dead
 
@@ -277,37 +335,39 @@ def test_mlp_export_removes_dead_rows_and_columns_exactly():
     torch.manual_seed(9)
     net = MorphoMLP((5,), 3, hidden=(8, 6), init_density=1.0, skip=False)
     randomise_biases_and_bn(net)
-    first, second = net.morpho_layers()
-    output = net.layers[-1]
+    first, second = masked(net)
+    output = net.net[-1]
     with torch.no_grad():
-        first.mask_logits[0:2] = OFF  # units 0, 1: constant relu(b)
+        mask(first).mask_logits[0:2] = OFF  # units 0, 1: constant relu(b)
         first.bias[0], first.bias[1] = 1.5, -0.5  # one non-zero constant (folded), one zero
-        second.mask_logits[:, 2:4] = OFF  # units 2, 3 of the first layer: read by nobody
-        second.mask_logits[4] = OFF  # second-layer unit 4: constant
+        mask(second).mask_logits[:, 2:4] = OFF  # units 2, 3 of the first layer: read by nobody
+        mask(second).mask_logits[4] = OFF  # second-layer unit 4: constant
         second.bias[4] = 0.7
         output.weight[:, 5] = 0  # second-layer unit 5: read by nobody
-    exported = export_pruned(net)
+    exported = net.export()
     assert widths(exported) == [4, 4, 3]
     assert_plain(exported)
     assert_same_logits(net, exported, torch.randn(32, 5))
     assert sum(p.numel() for p in exported.parameters()) == 5 * 4 + 4 + 4 * 4 + 4 + 4 * 3 + 3
-    # nothing removable: the exported model's real non-zero count is the hooks' count of the masked model
+    # nothing removable: the exported model's real non-zero count is the hooks' count of the hard-masked model
     full = MorphoMLP((5,), 3, hidden=(8, 6), init_density=1.0)
     randomise_biases_and_bn(full)
-    assert count_nonzero(export_pruned(full)) == count_nonzero(full)
-    assert widths(export_pruned(full)) == [8, 6, 3]
+    assert count_nonzero(full.export()) == count_nonzero(full.hard_plain())
+    assert widths(full.export()) == [8, 6, 3]
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_skip_connected_units_are_removed_only_as_a_whole_chain(batch_norm):
+def test_skip_connected_units_are_removed_with_their_chain(batch_norm):
+    """A skip ties unit j of a layer's input to unit j of its output: the chain goes when it is constant (its
+    own diagonal weight keeps a constant constant) or read by nobody but itself; a fed chain stays."""
     torch.manual_seed(10)
     net = MorphoMLP((4,), 2, hidden=(6, 6, 5), init_density=1.0, skip=True, batch_norm=batch_norm)
     randomise_biases_and_bn(net)
-    first, second, third = net.morpho_layers()
-    assert second.skip_gate is not None and first.skip_gate is None
+    first, second, third = (mask(m) for m in masked(net))
+    gated = next(m for m in net.modules() if isinstance(m, GatedSkip))
     with torch.no_grad():
-        second.skip_gate.fill_(0.4)
-        first.bias[1] = 0.8
+        gated.skip_gate.fill_(0.4)
+        masked(net)[0].bias[1] = 0.8
         first.mask_logits[1] = OFF  # chain 1: constant (first-layer row empty, second-layer row reads only unit 1)
         second.mask_logits[1] = OFF
         second.mask_logits[1, 1] = ON
@@ -315,22 +375,22 @@ def test_skip_connected_units_are_removed_only_as_a_whole_chain(batch_norm):
         second.mask_logits[3, 3] = ON
         third.mask_logits[:, 3] = OFF
         first.mask_logits[4] = OFF  # constant in the first layer, but its skip partner is fed and read: kept
-        first.mask_logits[5], first.bias[5] = OFF, 1.2  # chain 5: constant head (folded), unread tail
+        first.mask_logits[5] = OFF  # chain 5: a constant head but a fed tail: kept
         third.mask_logits[:, 5] = OFF
-    exported = export_pruned(net)
-    assert widths(exported) == [3, 3, 5, 2]
-    skip = next(m for m in exported.modules() if isinstance(m, SkipLinear))
-    assert skip.weight.shape == (3, 3) and skip.skip_scale.numel() == (3 if batch_norm else 1)
+    exported = net.export()
+    assert widths(exported) == [4, 4, 5, 2]
+    skip = next(m for m in exported.modules() if isinstance(m, GatedSkip))
+    assert skip.linear.weight.shape == (4, 4)
     assert_same_logits(net, exported, torch.randn(32, 4))
 
 
 def test_a_layer_tied_to_the_input_keeps_its_units():
     net = MorphoMLP((6,), 2, hidden=(6, 4), init_density=1.0, skip=True)
-    first, second = net.morpho_layers()
+    first, second = (mask(m) for m in masked(net))
     with torch.no_grad():
         first.mask_logits[0] = OFF
         second.mask_logits[:, 0] = OFF
-    exported = export_pruned(net)
+    exported = net.export()
     assert widths(exported) == [6, 4, 2]
     assert_same_logits(net, exported, torch.randn(8, 6))
 
@@ -339,15 +399,15 @@ def test_cnn_export_removes_dead_filters_and_folds_constants():
     torch.manual_seed(11)
     net = MorphoCNN((2, 10, 10), 3, channels=(4, 5), hidden=6, init_density=1.0)
     randomise_biases_and_bn(net)
-    conv1, conv2, fc = net.morpho_layers()
+    conv1, conv2, fc = masked(net)
     with torch.no_grad():
-        conv1.mask_logits[0], conv1.bias[0] = OFF, -1.0  # constant 0 before a conv: removed
-        conv1.mask_logits[1], conv1.bias[1] = OFF, 1.0  # constant 1 before a zero-padded conv: kept
-        conv2.weight[:, 2] = 0  # conv1 filter 2 is read by nobody
-        conv2.mask_logits[2], conv2.bias[2] = OFF, 0.9  # constant map -> pooled -> folded into fc's bias
-        fc.mask_logits[:, 3 * 16 : 4 * 16] = OFF  # conv2 filter 3 is read by nobody
-        fc.mask_logits[0], fc.bias[0] = OFF, 0.6  # constant hidden unit -> folded into the output bias
-    exported = export_pruned(net)
+        mask(conv1).mask_logits[0], conv1.bias[0] = OFF, -1.0  # constant 0 before a conv: removed
+        mask(conv1).mask_logits[1], conv1.bias[1] = OFF, 1.0  # constant 1 before a zero-padded conv: kept
+        W(conv2)[:, 2] = 0  # conv1 filter 2 is read by nobody
+        mask(conv2).mask_logits[2], conv2.bias[2] = OFF, 0.9  # constant map -> pooled -> folded into fc's bias
+        mask(fc).mask_logits[:, 3 * 16 : 4 * 16] = OFF  # conv2 filter 3 is read by nobody
+        mask(fc).mask_logits[0], fc.bias[0] = OFF, 0.6  # constant hidden unit -> folded into the output bias
+    exported = net.export()
     assert widths(exported) == [2, 3, 5, 3]
     assert exported[-3].in_features == 3 * 16
     assert_plain(exported)
@@ -359,7 +419,7 @@ def test_cnn_export_matches_at_random_densities(density):
     torch.manual_seed(12)
     net = MorphoCNN((1, 12, 12), 4, channels=(6, 8), hidden=10, init_density=density)
     randomise_biases_and_bn(net)
-    exported = export_pruned(net, prune_threshold=0.3)
+    exported = net.export(prune_threshold=0.3)
     pruned = MorphoCNN((1, 12, 12), 4, channels=(6, 8), hidden=10)
     pruned.load_state_dict(net.state_dict())
     pruned.prune_(0.3)
@@ -371,13 +431,17 @@ def test_transformer_export_folds_masks_and_head_gates():
     torch.manual_seed(13)
     net = MorphoTransformer((10,), 3, vocab_size=40, d_model=16, n_heads=4, ff_dim=8)
     net.set_temperature(0.6)
-    exported = export_pruned(net)
-    assert not any(isinstance(m, (MaskedLayer, MorphoAttention)) for m in exported.modules())
+    with torch.no_grad():
+        mask(net.net.blocks[0].ff2).mask_logits[:, 5] = OFF  # FF unit 5 of block 0 is read by nobody
+    exported = net.export()
+    assert_plain(exported)
+    assert all(type(b.attn) is SelfAttention for b in exported.blocks)
+    assert exported.blocks[0].ff1.out_features == 7 and exported.blocks[1].ff1.out_features == 8
     assert not any(k.endswith(("mask_logits", "head_logits")) for k in exported.state_dict())
     ids = torch.randint(0, 40, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    assert_same_logits(net, exported, {"input_ids": ids, "attention_mask": mask})
+    attention = torch.ones_like(ids)
+    attention[0, 7:] = 0
+    assert_same_logits(net, exported, {"input_ids": ids, "attention_mask": attention})
 
 
 def test_export_leaves_the_model_and_the_rng_alone():
@@ -385,10 +449,10 @@ def test_export_leaves_the_model_and_the_rng_alone():
     net = MorphoMLP((3,), 2, hidden=(8, 8))
     state = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    exported = export_pruned(net, prune_threshold=0.9)  # prunes a copy: every hidden unit dies
+    exported = net.export(prune_threshold=0.9)  # prunes a copy: every hidden unit dies
     export_summary(net, exported)
     assert torch.equal(rng, torch.get_rng_state())
-    assert widths(exported) == [0, 0, 2]
+    assert widths(exported) == [1, 1, 2]  # a layer keeps one unit
     pruned = MorphoMLP((3,), 2, hidden=(8, 8))
     pruned.load_state_dict(net.state_dict())
     pruned.prune_(0.9)
@@ -398,8 +462,6 @@ def test_export_leaves_the_model_and_the_rng_alone():
 
 
 def test_prune_to_density_switches_off_the_weakest_connections_first():
-    from models import MorphoMLP
-
     torch.manual_seed(0)
     net = MorphoMLP((10,), 3, hidden=[20, 20], init_density=0.9)
     with torch.no_grad():
