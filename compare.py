@@ -51,7 +51,8 @@ def report(suite: Suite, results: Path, readme: Path | None = None) -> str:
     notes = (
         f"Suite `{suite.name}` on {', '.join(datasets)}: {len(records)} runs, seeds {seeds}, "
         f"{sum(r['train_seconds'] or 0 for r in records) / 60:.1f} min of training. "
-        f"Latency: median forward time of the deployed model, {threads or '?'} thread(s). "
+        f"Latency: median forward time of the deployed model in PyTorch and, as `exported.onnx`, in ONNX Runtime "
+        f"(CPU), {threads or '?'} thread(s). "
         f"Parameter counts as in `models/accounting.py`; exact values in `results.csv`."
     )
     write_csv(records, out / "results.csv")

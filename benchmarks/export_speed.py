@@ -1,6 +1,6 @@
 """Inference speed of deployed models side by side: the networks of several runs timed in one process.
 
-A run's deployed network is its ``exported.pt`` when it wrote one, else (a Baseline) the network of its
+A run's deployed network is its ``exported.json`` (``models.deploy``) when it wrote one, else (a Baseline) the network of its
 checkpoint, rebuilt with the LightningModule class its ``config.yaml`` names. All models are timed in
 interleaved rounds (machine noise hits every model alike) with ``models.latency.measure_latency``; the table
 gives the median over rounds per batch size, the reference's time divided by each model's (the speed-up over
@@ -25,17 +25,17 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.accounting import flops_per_sample  # noqa: E402
 from models.latency import measure_latency  # noqa: E402
-from models.plain_export import load_exported  # noqa: E402
+from models.deploy import load_exported  # noqa: E402
 
 
 def deployed_of(run_dir: Path) -> torch.nn.Module:
     """The run's exported network, or the deployed network of the checkpoint its summary names; a ``.pt`` file
-    given instead of a run (``uncollapsed.pt``) is that network."""
+    given instead of a run (``uncollapsed.json``) is that network."""
     if run_dir.suffix in (".yaml", ".yml"):
         return untrained_of(run_dir)
     if run_dir.is_file():
         return load_exported(run_dir).eval()
-    exported = run_dir / "exported.pt"
+    exported = run_dir / "exported.json"
     if exported.exists():
         return load_exported(exported).eval()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -4,7 +4,7 @@ Each model runs in eval mode under ``torch.inference_mode`` on random inputs of 
 warm-up, ``--repeats`` timed calls per batch size, median reported, thread count printed. Models are measured
 in interleaved rounds so that machine noise hits all of them.
 
-    python benchmarks/latency.py runs/fashion_mnist/morphonet_intended/version_0/exported.pt \\
+    python benchmarks/latency.py runs/fashion_mnist/morphonet_intended/version_0/exported.json \\
         --dense_mlp 784 512 512 10 --input_shape 1 28 28
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.plain_export import load_exported  # noqa: E402
+from models.deploy import load_exported  # noqa: E402
 
 
 @torch.inference_mode()
@@ -47,7 +47,7 @@ def dense_mlp(widths: list[int]) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("exported", nargs="+", type=Path, help="exported.pt files (models.plain_export)")
+    parser.add_argument("exported", nargs="+", type=Path, help="exported.json files (models.deploy)")
     parser.add_argument("--dense_mlp", nargs="+", type=int, help="widths of a dense MLP reference, e.g. 784 512 512 10")
     parser.add_argument("--input_shape", nargs="+", type=int, required=True)
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 256])

@@ -3,9 +3,10 @@
 from callbacks.checkpoint import BestAndLastCheckpoint
 from callbacks.collapse import CollapseBlocks, ProgressiveCollapse
 from callbacks.connectivity import ConnectivityImages
+from callbacks.deploy import DeployExport
 from callbacks.pruning import ProgressivePruning
 from callbacks.sparsity import SparsityScheduler
 from callbacks.temperature import TemperatureAnnealing
 
 __all__ = ["BestAndLastCheckpoint", "TemperatureAnnealing", "SparsityScheduler", "ProgressivePruning", "ConnectivityImages",
-           "CollapseBlocks", "ProgressiveCollapse"]
+           "CollapseBlocks", "ProgressiveCollapse", "DeployExport"]

@@ -13,10 +13,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-METRIC_AXES = [  # (record key, axis label) of the three trade-off panels
+METRIC_AXES = [  # (record key, axis label) of the trade-off panels
     ("params/trainable", "trainable parameters"),
     ("params/nonzero", "nonzero parameters (deployed)"),
     ("flops_per_sample", "FLOPs per sample (deployed)"),
+    ("ort_ms/b256", "ONNX Runtime latency at batch 256 (ms)"),
 ]
 
 
@@ -28,6 +29,8 @@ def collect(root: Path, finished_only: bool = False) -> list[dict[str, Any]]:
         if finished_only and not (summary.get("stage") == "test" and "test/acc" in summary["metrics"]):
             continue
         latency = summary.get("latency") or {}
+        onnx = (summary.get("deploy") or {}).get("onnx") or {}
+        ort = (onnx.get("latency") or {}).get("ms") or {}
         records.append({
             "experiment": path.parent.parent.relative_to(root).as_posix(),
             "run": path.parent.name,
@@ -44,6 +47,9 @@ def collect(root: Path, finished_only: bool = False) -> list[dict[str, Any]]:
             "latency_ms/b1": (latency.get("ms") or {}).get("1"),
             "latency_ms/b256": (latency.get("ms") or {}).get("256"),
             "latency_threads": latency.get("threads"),
+            "ort_ms/b1": ort.get("1"),
+            "ort_ms/b256": ort.get("256"),
+            "onnx_max_abs_diff": onnx.get("max_abs_diff"),
         })
     return records
 
@@ -105,19 +111,21 @@ def markdown_table(records: list[dict], order: list[str] | None = None) -> str:
     """Per experiment: test accuracy, parameters, FLOPs, bytes, training time and latency (median over seeds)."""
     lines = [
         "| experiment | technique | seeds | test acc (%) | params total | trainable | nonzero | FLOPs/sample | bytes "
-        "| s/epoch | latency b1 (ms) | latency b256 (ms) |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| s/epoch | latency b1 (ms) | latency b256 (ms) | ORT b1 (ms) | ORT b256 (ms) |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, runs in group(records, order).items():
         first = runs[0]
         nonzero = statistics.mean(r["params/nonzero"] for r in runs)
         b1, b256 = _median([r["latency_ms/b1"] for r in runs]), _median([r["latency_ms/b256"] for r in runs])
+        ort1, ort256 = _median([r.get("ort_ms/b1") for r in runs]), _median([r.get("ort_ms/b256") for r in runs])
         lines.append(
             f"| {name} | {first['technique']} | {len(runs)} | {mean_std([r.get('test/acc') for r in runs], 100)} "
             f"| {_compact(first['params/total'])} | {_compact(first['params/trainable'])} | {_compact(nonzero)} "
             f"| {_compact(first['flops_per_sample'])} | {_compact(first['model_bytes'], 'B')} "
             f"| {mean_std([r['seconds_per_epoch'] for r in runs], 1, 1)} "
-            f"| {'-' if b1 is None else f'{b1:.3f}'} | {'-' if b256 is None else f'{b256:.2f}'} |"
+            f"| {'-' if b1 is None else f'{b1:.3f}'} | {'-' if b256 is None else f'{b256:.2f}'} "
+            f"| {'-' if ort1 is None else f'{ort1:.3f}'} | {'-' if ort256 is None else f'{ort256:.2f}'} |"
         )
     return "\n".join(lines)
 
@@ -153,7 +161,10 @@ def tradeoff_figure(records: list[dict], title: str, order: list[str] | None = N
         mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         row = axes[datasets.index(runs[0]["dataset"])]
         for ax, (key, _) in zip(row, METRIC_AXES):
-            x = statistics.mean(r[key] for r in runs)
+            values = [r.get(key) for r in runs if r.get(key) is not None]
+            if not values:
+                continue  # e.g. no ONNX Runtime latency in runs written before the deployable existed
+            x = statistics.mean(values)
             ax.errorbar(x, mean, yerr=std, marker=markers[i % len(markers)], color=f"C{i % 10}", markersize=7,
                         capsize=3, linestyle="none", label=f"{name} ({len(accs)})")
             ax.annotate(name, (x, mean), textcoords="offset points", xytext=(6, 5), fontsize=7, color=f"C{i % 10}")

@@ -4,7 +4,7 @@ changes.
 A technique subclasses ``ClassificationModule`` and changes only what it must: the network it builds
 (``build_network``), an extra loss term (``regularization``), its optimizer (``optimizer_parameters``,
 ``configure_optimizers``), the network it deploys (``deployed_model``) and what its summary adds
-(``summary_extras``, ``save_exports``). Metrics: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
+(``summary_extras``, ``extra_deployables``). Metrics: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
 ``val/acc_best``, ``test/acc``, ``test/f1`` (macro), ``test/loss``. The rest lives in its own place:
 ``lightning_modules.summary`` (accounting, latency, ``summary.json``, run time), ``lightning_modules.checks``
 (refusals of a network that does not fit its data or a checkpoint), ``lightning_modules.text_hooks`` (text
@@ -110,8 +110,10 @@ class ClassificationModule(LightningModule):
         ``deployed_model()``, built once per summary."""
         return {}
 
-    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
-        """Files written into the run directory at the end of ``fit`` (rank 0), e.g. the exported model."""
+    def extra_deployables(self) -> dict[str, nn.Module]:
+        """Networks written beside the deployed one at the end of test (``callbacks.DeployExport``), by file stem:
+        e.g. LayerCollapse's network as trained, for before/after comparisons."""
+        return {}
 
     def deployed_model(self) -> nn.Module:
         """The network as it would be deployed (techniques with an export return the exported model)."""

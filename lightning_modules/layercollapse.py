@@ -18,7 +18,6 @@ would give (exact resume).
 import copy
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.structure import after_structure_change
 from models.collapse_chains import (Chain, collapse_chains_, find_chains, keeps_function, rebuild_collapsed_chains_, slope,
                                     to_prelu_)
-from models.plain_export import save_exported
 from models.targets import TargetModules, name_matches, network_name
 
 
@@ -233,10 +231,8 @@ class LayerCollapse(ClassificationModule):
         super().on_test_end()
         self._collapsed_copy = None
 
-    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
-        # the deployed (collapsed) network and, for before/after comparisons, the network as trained
-        save_exported(deployed, log_dir / "exported.pt")
-        save_exported(copy.deepcopy(self.net).eval(), log_dir / "uncollapsed.pt")
+    def extra_deployables(self) -> dict[str, nn.Module]:
+        return {"uncollapsed": copy.deepcopy(self.net).eval()}  # the network as trained, for before/after comparisons
 
     # --- structure in checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

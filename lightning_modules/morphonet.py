@@ -27,7 +27,6 @@ deployed.
 """
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -42,7 +41,6 @@ from models.masked_network import Granularity, MaskedNetwork
 from models.masks import Budget
 from models.targets import TargetModules
 from models.morphonet_export import export_summary
-from models.plain_export import save_exported
 
 
 class MorphoNet(ClassificationModule):
@@ -221,9 +219,6 @@ class MorphoNet(ClassificationModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.density_at_start = checkpoint.get("morphlab", {}).get("density_at_start")
-
-    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
-        save_exported(deployed, log_dir / "exported.pt")
 
     def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {

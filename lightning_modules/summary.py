@@ -5,12 +5,11 @@
   (``checkpoint["morphlab"]``), so a resumed run, or a test of a checkpoint in a new process, reports the whole run.
 * ``accounting`` measures a deployed network: parameter counts (``models.accounting``), FLOPs per sample
   (``torch.utils.flop_counter``) and bytes; ``latency`` its forward time (``models.latency``).
-* ``write_summary`` writes ``summary.json`` into the run's log directory at the end of fit and of test and, at fit
-  end, the technique's exports.
+* ``write_summary`` writes ``summary.json`` into the run's log directory at the end of fit and of test
+  (``callbacks.DeployExport`` then adds the deployable's checks and ONNX Runtime latency).
 
 A technique takes part through the hooks of ``ClassificationModule``: ``deployed_model()``,
-``counted_parameters()``, ``dense_equivalent_parameters(deployed)``, ``summary_extras(deployed)`` and
-``save_exports(deployed, log_dir)``.
+``counted_parameters()``, ``dense_equivalent_parameters(deployed)`` and ``summary_extras(deployed)``.
 """
 
 from __future__ import annotations
@@ -135,6 +134,4 @@ def write_summary(module: ClassificationModule, stage: str) -> Path | None:
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(path)
-    if stage == "fit":
-        module.save_exports(deployed, Path(log_dir))
     return path

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,42 +32,56 @@ def _repeat_batch(example: Any, batch_size: int) -> Any:
     return example
 
 
-def measure_latency(
-    model: nn.Module,
+def time_calls(
+    run: Callable[[Any], Any],
     example: Any,
     batch_sizes: Sequence[int] = (1, 256),
     warmup: int = 3,
     repeats: int = 20,
     min_repeats: int = 3,
     budget_seconds: float = 2.0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Median wall time of one forward pass per batch size, in milliseconds.
+    """Median wall time of ``run(batch)`` per batch size, in milliseconds, for any runtime (PyTorch, ONNX Runtime).
 
     Returns ``{"threads", "warmup", "repeats": {b: n}, "ms": {b: median}, "ms_per_sample": {b: median / b}}``
-    with batch sizes as string keys (JSON). ``example`` is one input (a tensor or a tuple of tensors passed as
-    positional arguments) whose first dimension is the batch.
+    with batch sizes as string keys (JSON); ``example`` (batch 1) is repeated to each batch size.
     """
+    result: dict[str, Any] = {"threads": threads or torch.get_num_threads(), "warmup": warmup, "repeats": {}, "ms": {},
+                              "ms_per_sample": {}}
+    for batch_size in batch_sizes:
+        inputs = _repeat_batch(example, batch_size)
+        for _ in range(warmup):
+            run(inputs)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_seconds
+        while len(times) < repeats and (len(times) < min_repeats or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            run(inputs)
+            times.append(time.perf_counter() - start)
+        median_ms = statistics.median(times) * 1e3
+        key = str(batch_size)
+        result["repeats"][key] = len(times)
+        result["ms"][key] = round(median_ms, 4)
+        result["ms_per_sample"][key] = round(median_ms / batch_size, 6)
+    return result
+
+
+def measure_latency(model: nn.Module, example: Any, batch_sizes: Sequence[int] = (1, 256), **timing: Any) -> dict[str, Any]:
+    """``time_calls`` of ``model`` in eval mode under ``torch.inference_mode``. ``example`` is one input (a
+    tensor, or a tuple of tensors passed as positional arguments) whose first dimension is the batch; on a CUDA
+    device every call is followed by ``torch.cuda.synchronize`` (kernels run asynchronously)."""
     was_training = model.training
     model.eval()
-    result: dict[str, Any] = {"threads": torch.get_num_threads(), "warmup": warmup, "repeats": {}, "ms": {}, "ms_per_sample": {}}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(inputs: Any) -> None:
+        model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+        sync()
+
     try:
         with torch.inference_mode():
-            for batch_size in batch_sizes:
-                inputs = _repeat_batch(example, batch_size)
-                args = inputs if isinstance(inputs, tuple) else (inputs,)
-                for _ in range(warmup):
-                    model(*args)
-                times: list[float] = []
-                deadline = time.perf_counter() + budget_seconds
-                while len(times) < repeats and (len(times) < min_repeats or time.perf_counter() < deadline):
-                    start = time.perf_counter()
-                    model(*args)
-                    times.append(time.perf_counter() - start)
-                median_ms = statistics.median(times) * 1e3
-                key = str(batch_size)
-                result["repeats"][key] = len(times)
-                result["ms"][key] = round(median_ms, 4)
-                result["ms_per_sample"][key] = round(median_ms / batch_size, 6)
+            return time_calls(run, example, batch_sizes, **timing)
     finally:
         model.train(was_training)
-    return result

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch import Callback
 
 import train
+from callbacks.deploy import DeployExport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,13 @@ def run_cli(*args: str) -> train.MorphLabCLI:
     """Run ``python train.py ARGS`` in this process (one interpreter start for the whole test session)."""
     with mock.patch("sys.argv", ["train.py"]):  # pytest's own argv must not reach the parser
         return train.main(list(args))
+
+
+@pytest.fixture(autouse=True)
+def no_deployable_by_default(monkeypatch):
+    """Runs in this process skip the deployable (``callbacks.DeployExport``: a torch.export trace and an ONNX export,
+    seconds per run); the tests of the deployable turn it on with ``--deploy.program=true --deploy.onnx=true``."""
+    monkeypatch.setattr(DeployExport.__init__, "__defaults__", (False, False, 64))
 
 
 def quiet(save_dir: Path, name: str = "run") -> list[str]:

@@ -106,6 +106,8 @@ def fake_run(root: Path, label: str, seed: int, acc: float, trainable: int, stag
         "flops_per_sample": 10 * trainable, "model_bytes": 8 * trainable, "epochs": 3, "train_seconds": 30.0,
         "seconds_per_epoch": 10.0 + seed,
         "latency": {"threads": 2, "ms": {"1": 0.1 * (seed + 1), "256": 2.0 * (seed + 1)}},
+        **({"deploy": {"onnx": {"max_abs_diff": 1e-7, "latency": {"threads": 2, "ms": {"1": 0.05 * (seed + 1), "256": 1.5}}}}}
+           if label == "zeta" else {}),
     }))
 
 
@@ -131,6 +133,9 @@ def test_report_writes_table_csv_plot_and_readme_block(tmp_path):
     assert zeta[3] == "3" and zeta[4] == "82.00 ± 2.00"  # seeds, accuracy mean ± sample std
     assert zeta[5:10] == ["2k", "1k", "1k", "10k", "8kB"]  # total, trainable, mean nonzero (1001), FLOPs, bytes
     assert zeta[10] == "11.0 ± 1.0" and zeta[11] == "0.200" and zeta[12] == "4.00"  # s/epoch, median latency b1, b256
+    assert zeta[13:15] == ["0.100", "1.50"]  # median ONNX Runtime latency b1, b256
+    alpha = [c.strip() for c in rows[1].split("|")]
+    assert alpha[13:15] == ["-", "-"]  # a run without an exported.onnx
     with open(results / "mini" / "results.csv") as handle:
         records = list(csv.DictReader(handle))
     assert len(records) == 4 and {r["experiment"] for r in records} == {"zeta", "alpha"}

@@ -14,7 +14,7 @@ from parsing import parser_refuses
 from conftest import ROOT, quiet, resolved_config, run_cli, summary
 from lightning_modules import LayerCollapse
 from models import CollapsibleMLP
-from models.plain_export import load_exported
+from models.deploy import load_exported
 
 DIGITS = [
     "--config", str(ROOT / "configs/fashion_mnist/layercollapse.yaml"),
@@ -27,15 +27,18 @@ DIGITS = [
 
 
 def test_strong_lambda_collapses_and_test_reports_the_collapsed_model(in_tmp):
-    cli = run_cli("fit", *DIGITS, "--model.init_args.lc_weight=5.0", "--model.init_args.lc_warmup_epochs=0", *quiet(in_tmp))
+    cli = run_cli("fit", *DIGITS, "--model.init_args.lc_weight=5.0", "--model.init_args.lc_warmup_epochs=0", *quiet(in_tmp),
+                  "--deploy.program=true")
     result = summary(Path(cli.trainer.log_dir))
     info = result["layercollapse"]
     assert info["collapsed_at_test"] == ["layers.block0"] and all(abs(a - 1) < 0.05 for a in info["slopes"].values())
     assert info["params_after"] == 64 * 64 + 64 + 64 * 10 + 10 < info["params_before"]
     assert result["params"]["nonzero"] <= info["params_after"]
     assert 0.5 < result["metrics"]["test/acc"] and "test/acc_uncollapsed" in result["metrics"]
-    exported = load_exported(Path(cli.trainer.log_dir) / "exported.pt")
+    exported = load_exported(Path(cli.trainer.log_dir) / "exported.json")
     assert sum(p.numel() for p in exported.parameters()) == info["params_after"]
+    uncollapsed = load_exported(Path(cli.trainer.log_dir) / "uncollapsed.json")
+    assert sum(p.numel() for p in uncollapsed.parameters()) > info["params_after"]
 
 
 def test_without_the_regulariser_the_block_stays_nonlinear(in_tmp):

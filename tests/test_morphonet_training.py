@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT, quiet, resolved_config, run_cli, summary
-from models.plain_export import load_exported
+from models.deploy import load_exported
 
 
 def small_config(tmp_path: Path, mode: str = "intended", stop_after: int | None = None) -> str:
@@ -55,7 +55,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_masks(in_tmp):
 
 
 def test_intended_run_tests_the_exported_model_and_reports_it(in_tmp):
-    cli = run_cli("fit", "--config", small_config(in_tmp), *quiet(in_tmp))
+    cli = run_cli("fit", "--config", small_config(in_tmp), *quiet(in_tmp), "--deploy.program=true", "--deploy.onnx=true")
     run_dir = Path(cli.trainer.log_dir)
     result = summary(run_dir)
     info = result["morphonet"]
@@ -65,13 +65,22 @@ def test_intended_run_tests_the_exported_model_and_reports_it(in_tmp):
     assert info["hard_sparsity_end"] == pytest.approx(0.7, abs=1 / 2176)
     assert result["params"]["dense_equivalent"] == 2338 and result["params"]["nonzero"] < 2338
     assert result["params"]["total"] == 2338 + 2 * 64 + 64 * 32  # weights + mask logits
-    exported = load_exported(run_dir / "exported.pt")
+    exported = load_exported(run_dir / "exported.json")
     assert not any("Morpho" in type(m).__name__ for m in exported.modules())
     assert (run_dir / "connectivity.png").is_file() and (run_dir / "history.png").is_file()
     # the exported file predicts what the test split was scored on
     x, y = cli.datamodule.splits["test"]
     accuracy = (exported.eval()(x).argmax(-1) == y).float().mean().item()
     assert accuracy == pytest.approx(result["metrics"]["test/acc"], abs=1e-6)
+    # and so does the ONNX file, in ONNX Runtime: checked in the run, timed beside PyTorch
+    deployed = result["deploy"]
+    assert deployed["program"]["max_abs_diff"] == 0.0 and deployed["onnx"]["max_abs_diff"] <= 1e-4
+    assert deployed["onnx"]["argmax_agree"] and deployed["onnx"]["opset"] >= 18 and deployed["check_rows"] >= 2
+    assert set(deployed["onnx"]["latency"]["ms"]) == {"1", "256"} and (run_dir / "exported.onnx").is_file()
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(run_dir / "exported.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert (torch.from_numpy(logits).argmax(-1) == y).float().mean().item() == pytest.approx(result["metrics"]["test/acc"], abs=1e-6)
 
 
 def test_parity_run_evaluates_the_soft_mask(in_tmp):

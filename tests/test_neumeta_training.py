@@ -17,7 +17,7 @@ from lightning_modules.neumeta.evaluation import dead_fraction, unit_activity
 from lightning_modules.neumeta.module import weighted_recon
 from models import NeuMetaCNN, NeuMetaHead, NeuMetaResidual
 from models.neumeta_inr import NeuMetaINR
-from models.plain_export import load_exported
+from models.deploy import load_exported
 
 CONFIG = str(ROOT / "configs/digits/neumeta_head.yaml")
 SMALL = [  # the digits_head recipe cut to seconds: 2 pretraining epochs, 20 warm-start steps, 3 epochs of 21 steps
@@ -65,7 +65,7 @@ def test_unit_activity_finds_dead_units():
 
 
 def test_digits_run_reports_every_width_baselines_plot_and_export(in_tmp):
-    cli = run_cli("fit", *SMALL, *quiet(in_tmp))
+    cli = run_cli("fit", *SMALL, *quiet(in_tmp), "--deploy.program=true")
     run = Path(cli.trainer.log_dir)
     result = summary(run)
     metrics, info = result["metrics"], result["neumeta"]
@@ -82,7 +82,7 @@ def test_digits_run_reports_every_width_baselines_plot_and_export(in_tmp):
     assert result["params"]["total"] == info["inr_parameters"] + 64 * 64 + 64  # the INR and the frozen stem
     assert result["params"]["nonzero"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10  # the deployed width-64 net
     assert (run / "accuracy_vs_width.png").stat().st_size > 10_000
-    exported = load_exported(run / "exported.pt")
+    exported = load_exported(run / "exported.json")
     x = torch.randn(5, 64)
     module = cli.model.eval()
     assert torch.allclose(exported(x), module(x), atol=1e-6)

@@ -29,7 +29,6 @@ Safeguards (§9.4, on by default): width-aware warm start, LR warm-up, dead-unit
 
 # Annotations are not postponed (no __future__ import): jsonargparse must see the constrained types (constraints.py).
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -47,7 +46,6 @@ from lightning_modules.neumeta.preparation import Preparation
 from models.neumeta_inr import NeuMetaINR
 from models.neumeta_smoothing import fold_batchnorm_
 from models.neumeta_targets import NeuMetaTarget
-from models.plain_export import save_exported
 from seeding import global_seed, stream_seed
 
 
@@ -278,9 +276,6 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints, exports and summary -----------------------------------------------------------------
-    def save_exports(self, deployed: nn.Module, log_dir: Path) -> None:
-        save_exported(deployed, log_dir / "exported.pt")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["morphlab"]["neumeta_preparation"] = self.preparation

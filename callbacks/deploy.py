@@ -1,0 +1,110 @@
+"""Write the tested network as the files deployment reads, check them, and time them in ONNX Runtime.
+
+``DeployExport`` is on in every ``train.py`` run (``--deploy.*``): at the end of ``test`` (which ``fit`` ends with,
+on the checkpoint it reports), the deployed model (``deployed_model()``: LoRA merged, MorphoNet exported,
+LayerCollapse collapsed, NeuMeta generated, the rest as trained) is traced once by ``torch.export`` and written
+into the run directory (``models.deploy``):
+
+* ``exported.json`` + ``exported.safetensors``: the PyTorch program, nothing to unpickle
+  (``models.deploy.load_exported``); re-loaded and compared with the model on the first real test batch;
+* ``exported.onnx`` (opset 18, dynamic batch): run in ONNX Runtime on the same batch (max |delta| <= 1e-4 and the
+  same argmax, else the run stops with one sentence) and timed at batch 1 and 256 beside PyTorch's latency.
+
+What it measured goes into ``summary.json`` under ``deploy``. ``--deploy.onnx false`` / ``--deploy.program false``
+skip the files (the test suite does, except where it tests them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from models import deploy
+
+ONNX_TOLERANCE = 1e-4
+
+
+def _cpu_rows(batch: Any, rows: int) -> Any:
+    return pytree.tree_map(lambda t: t[:rows].detach().cpu().clone() if isinstance(t, Tensor) else t, batch)
+
+
+class DeployExport(pl.Callback):
+    """See the module docstring.
+
+    Args:
+        program: write and check ``exported.json`` + ``exported.safetensors``.
+        onnx: write, check and time ``exported.onnx`` (needs ``program``'s trace, not its files).
+        check_rows: rows of the first test batch the checks run on.
+    """
+
+    def __init__(self, program: bool = True, onnx: bool = True, check_rows: int = 64) -> None:
+        if check_rows < 2:
+            raise ValueError(f"deploy.check_rows must be >= 2 (a batch of 1 would fix the exported batch size), got {check_rows}.")
+        self.program, self.onnx, self.check_rows = program, onnx, check_rows
+        self._batch: Any = None
+        self._log_dir: str | None = None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch = None
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        if self._batch is None:
+            self._batch = _cpu_rows(batch[0], self.check_rows)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks; the files are written in teardown
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After the module wrote ``summary.json`` (its ``on_test_end``): export, check, time, add to the summary."""
+        if stage != "test" or not (self.program or self.onnx) or trainer.global_rank != 0 or self._log_dir is None:
+            return
+        if self._batch is None or pytree.tree_leaves(self._batch)[0].shape[0] < 2:
+            return  # no test batch of two rows to trace on
+        log_dir, self._log_dir = Path(self._log_dir), None
+        with torch.inference_mode(False):
+            record = self.export(pl_module, log_dir)
+        path = log_dir / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            summary["deploy"] = record
+            tmp = path.with_suffix(".json.part")
+            tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            tmp.replace(path)
+
+    def export(self, module: pl.LightningModule, log_dir: Path) -> dict[str, Any]:
+        model = copy.deepcopy(module.deployed_model()).cpu().eval()
+        batch = self._batch
+        program = deploy.export_program(model, batch, f"the deployed {module.technique} model")
+        with torch.no_grad():
+            want = model(batch)
+        record: dict[str, Any] = {"check_rows": int(want.shape[0]), "max_abs_logit": float(want.abs().max()),
+                                  "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                                  "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers())}
+        if self.program:
+            for stem, extra in module.extra_deployables().items():
+                deploy.save_program(deploy.export_program(extra.cpu().eval(), batch, stem), log_dir / stem)
+            json_path, weights = deploy.save_program(program, log_dir / "exported")
+            with torch.no_grad():
+                got = deploy.load_exported(json_path)(batch)
+            record["program"] = {"files": [json_path.name, weights.name], "bytes": weights.stat().st_size,
+                                 "max_abs_diff": float((want - got).abs().max())}
+        if self.onnx:
+            path = deploy.save_onnx(program, log_dir / "exported.onnx")
+            check = deploy.check_onnx(path, model, batch)
+            if check["max_abs_diff"] > ONNX_TOLERANCE * max(float(want.abs().max()), 1.0) or not check["argmax_agree"]:
+                raise RuntimeError(f"exported.onnx of {log_dir} disagrees with PyTorch on a test batch "
+                                   f"(max |delta| {check['max_abs_diff']:.3g}, argmax agree {check['argmax_agree']}).")
+            example = module.example_args()[0]
+            example = pytree.tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, example)
+            record["onnx"] = {"file": path.name, "opset": deploy.OPSET, "bytes": path.stat().st_size,
+                              "initializer_bytes": deploy.initializer_bytes(path), **check,
+                              "latency": deploy.onnx_latency(path, example)}
+        return record
