@@ -81,7 +81,10 @@ class DeployExport(pl.Callback):
 
     def export(self, module: pl.LightningModule, log_dir: Path) -> dict[str, Any]:
         model = copy.deepcopy(module.deployed_model()).cpu().eval()
+        example = pytree.tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, module.example_args()[0])
         batch = self._batch
+        if isinstance(batch, dict) and isinstance(example, dict):  # the model's inputs, not the pipeline's (a row uid)
+            batch = {k: batch[k] for k in example}
         program = deploy.export_program(model, batch, f"the deployed {module.technique} model")
         with torch.no_grad():
             want = model(batch)
@@ -102,8 +105,6 @@ class DeployExport(pl.Callback):
             if check["max_abs_diff"] > ONNX_TOLERANCE * max(float(want.abs().max()), 1.0) or not check["argmax_agree"]:
                 raise RuntimeError(f"exported.onnx of {log_dir} disagrees with PyTorch on a test batch "
                                    f"(max |delta| {check['max_abs_diff']:.3g}, argmax agree {check['argmax_agree']}).")
-            example = module.example_args()[0]
-            example = pytree.tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, example)
             record["onnx"] = {"file": path.name, "opset": deploy.OPSET, "bytes": path.stat().st_size,
                               "initializer_bytes": deploy.initializer_bytes(path), **check,
                               "latency": deploy.onnx_latency(path, example)}
