@@ -19,7 +19,6 @@ sentence, a network where removing a channel was not exact.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
