@@ -98,6 +98,10 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _ms(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def group(records: list[dict], order: list[str] | None = None) -> dict[str, list[dict]]:
     """Records by experiment, in ``order`` (suite order) first, then alphabetically."""
     groups: dict[str, list[dict]] = {}
@@ -124,8 +128,7 @@ def markdown_table(records: list[dict], order: list[str] | None = None) -> str:
             f"| {_compact(first['params/total'])} | {_compact(first['params/trainable'])} | {_compact(nonzero)} "
             f"| {_compact(first['flops_per_sample'])} | {_compact(first['model_bytes'], 'B')} "
             f"| {mean_std([r['seconds_per_epoch'] for r in runs], 1, 1)} "
-            f"| {'-' if b1 is None else f'{b1:.3f}'} | {'-' if b256 is None else f'{b256:.2f}'} "
-            f"| {'-' if ort1 is None else f'{ort1:.3f}'} | {'-' if ort256 is None else f'{ort256:.2f}'} |"
+            f"| {_ms(b1, 3)} | {_ms(b256, 2)} | {_ms(ort1, 3)} | {_ms(ort256, 2)} |"
         )
     return "\n".join(lines)
 

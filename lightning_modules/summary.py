@@ -129,7 +129,11 @@ def write_summary(module: ClassificationModule, stage: str) -> Path | None:
         **({"latency": latency(module, deployed)} if stage == "test" else {}),
         **module.summary_extras(deployed),
     }
-    path = Path(log_dir) / "summary.json"
+    return save_summary(Path(log_dir) / "summary.json", summary)
+
+
+def save_summary(path: Path, summary: dict[str, Any]) -> Path:
+    """Write ``summary`` to ``path`` atomically (a ``.part`` file, then a rename: a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
