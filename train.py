@@ -29,6 +29,12 @@ from lightning_modules import ClassificationModule
 
 DEFAULT_ROOT_DIR = "runs"
 
+# Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (a fork-safe CUDA check) on import. With it, every
+# torch.cuda.is_available() dlopens libnvidia-ml, and Adam/AdamW call it on every step (torch.optim's graph-capture
+# health check): ~50 us a step where no NVIDIA driver is installed. Without a GPU there is no fork to keep safe.
+if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_count() == 0:
+    del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+
 # Runs live in <save_dir>/<name>/version_N: save_dir follows trainer.default_root_dir (runs; _place_logger), the name
 # is the first --config's path under configs/ (run_name): configs/fashion_mnist/baseline.yaml -> fashion_mnist/baseline
 LOGGER_DEFAULT = {
@@ -178,6 +184,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MorphLabCLI:
             "default_root_dir": DEFAULT_ROOT_DIR,
             "log_every_n_steps": 10,
             "plugins": GLOBAL_BATCH_LAYERS,
+            "profiler": {"class_path": "callbacks.NullProfiler"},  # Lightning's pass-through, without its per-hook cost
         },
         args=args,
         run=run,

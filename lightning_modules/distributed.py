@@ -120,19 +120,34 @@ class GlobalBatchLayers(LayerSync):
     """Lightning plugin: under DDP, every BatchNorm layer normalises with the global batch's statistics and every
     ``nn.Dropout`` applies the global batch's mask, as in one process.
 
-    Written here because ``torch.nn.SyncBatchNorm`` (``--trainer.sync_batchnorm``) refuses CPU tensors and nothing
-    in torch draws one dropout mask across processes. The layers keep their class (only their ``forward`` is
-    replaced), so exports and isinstance checks still see BatchNorm and Dropout. Functional dropout inside
-    third-party models (``F.dropout`` in BERT's attention) stays per process. One process: no effect.
-    ``train.py`` adds the plugin by default; ``--trainer.plugins=null`` removes it.
+    On NCCL (GPUs) BatchNorm becomes ``torch.nn.SyncBatchNorm`` (torch's fused kernels), turned back into the very
+    class it was after fit, holding the same parameters (Lightning's ``TorchSyncBatchNorm`` does not keep the class:
+    its revert gives a private ``_BatchNormXd``). On gloo (CPUs), where SyncBatchNorm refuses CPU tensors, the layers
+    keep their class and their ``forward`` is replaced by ``_global_batch_norm_forward``, the same computation.
+    Nothing in torch draws one dropout mask across processes, so ``nn.Dropout``'s forward is replaced on every
+    backend. Functional dropout inside third-party models (``F.dropout`` in BERT's attention) stays per process.
+    One process: no effect. ``train.py`` adds the plugin by default; ``--trainer.plugins=null`` removes it.
     """
 
     FORWARDS = ((_BatchNorm, _global_batch_norm_forward), (nn.Dropout, _global_batch_dropout_forward))
 
+    def __init__(self) -> None:
+        self.sync_batchnorm = False
+        self._batchnorm_classes: dict[str, type[nn.Module]] = {}
+
+    @staticmethod
+    def on_nccl() -> bool:
+        """Whether this process's default group runs on NCCL (the strategy sets it up before ``apply``)."""
+        return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+
     def apply(self, model: nn.Module) -> nn.Module:
+        self.sync_batchnorm = self.on_nccl()
+        if self.sync_batchnorm:
+            self._batchnorm_classes = {n: type(m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and n}
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         for module in model.modules():
             for kind, forward in self.FORWARDS:
-                if isinstance(module, kind):
+                if isinstance(module, kind) and not (self.sync_batchnorm and kind is _BatchNorm):
                     module.forward = MethodType(forward, module)
         return model
 
@@ -140,4 +155,17 @@ class GlobalBatchLayers(LayerSync):
         for module in model.modules():
             if "forward" in vars(module) and isinstance(module, tuple(kind for kind, _ in self.FORWARDS)):
                 del module.forward
+        for name, cls in self._batchnorm_classes.items():
+            sync = model.get_submodule(name)
+            if isinstance(sync, nn.SyncBatchNorm):
+                model.set_submodule(name, _as_class(sync, cls))
+        self._batchnorm_classes = {}
         return model
+
+
+def _as_class(sync: nn.SyncBatchNorm, cls: type[nn.Module]) -> nn.Module:
+    """``sync``'s layer as a ``cls`` holding the same parameter and buffer tensors (an optimizer keeps them)."""
+    layer = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+    for name, tensor in [*sync.named_parameters(recurse=False), *sync.named_buffers(recurse=False)]:
+        setattr(layer, name, tensor)
+    return layer.train(sync.training)

@@ -34,6 +34,24 @@ def test_global_batch_layers_keep_classes_and_restore_forward():
     assert "forward" not in vars(net[1]) and "forward" not in vars(net[2])
 
 
+
+def test_on_nccl_batchnorm_becomes_torch_syncbatchnorm_and_comes_back(monkeypatch):
+    """On NCCL the plugin hands BatchNorm to torch.nn.SyncBatchNorm (still patching Dropout), and reverts it to the
+    same BatchNorm class with the same state after fit; the backend is faked: NCCL needs GPUs."""
+    import lightning_modules.distributed as distributed
+
+    monkeypatch.setattr(GlobalBatchLayers, "on_nccl", staticmethod(lambda: True))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3))
+    net[1].running_mean.normal_()
+    state, weight = {k: v.clone() for k, v in net.state_dict().items()}, net[1].weight
+    plugin = GlobalBatchLayers()
+    net = plugin.apply(net)
+    assert type(net[1]) is nn.SyncBatchNorm and "forward" not in vars(net[1])
+    assert net[2].forward.__func__ is distributed._global_batch_dropout_forward
+    net = plugin.revert(net)
+    assert type(net[1]) is nn.BatchNorm2d and net[1].weight is weight and "forward" not in vars(net[2])
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
 def test_the_loss_of_one_process_is_the_mean_cross_entropy():
     logits, y = torch.randn(9, 4), torch.randint(0, 4, (9,))
     assert torch.equal(global_batch_cross_entropy(logits, y), F.cross_entropy(logits, y))

@@ -72,7 +72,7 @@ def test_two_runs_with_the_same_seed_give_identical_summaries(in_tmp):
 
 
 def test_a_nan_loss_stops_training_and_names_the_step(in_tmp):
-    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf|-inf) at global step \d+ \(epoch 0\); lower the learning rate"):
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf|-inf) at or before global step \d+ \(epoch 0\); lower the learning rate"):
         run_cli("fit", *MOONS, "--trainer.max_epochs=2", "--model.init_args.optimizer.init_args.lr=1e30",
                 "--model.init_args.optimizer.init_args.weight_decay=0", *quiet(in_tmp))
     assert not list(in_tmp.rglob("*.ckpt")), "no checkpoint of a diverged model"

@@ -242,15 +242,12 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
             recon = weighted_recon(at_full, self.pretrained_tensors())
             loss = loss + self.recon_weight * recon
             self.log_epoch_mean("train/recon", recon)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the NeuMeta loss became {loss.item()} at global step {self.global_step} (width "
-                                     f"{width}); lower the learning rate or the coordinate noise.")
-        self.train_acc.update(logits.detach(), y)
+        self.log_epoch_accuracy(logits, y)
         self.log_epoch_mean("train/loss", loss)
         self.log_epoch_mean("train/ce", ce)
         self.log_epoch_mean("train/l2", l2)
         self.log_epoch_mean("train/dead", dead_fraction(self._fired_on_any_process(alive)))
-        self.log_step_loss(loss)
+        self.log_step_loss(loss, advice="lower the learning rate or the coordinate noise")
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
