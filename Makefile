@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data run readme test test-slow test-reliability bench tensorboard clean
+.PHONY: install data data-folders run readme test test-slow test-reliability bench tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ data:
 		echo "installing the Debian package dataset-fashion-mnist"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
+
+# Real data in the formats of "your own data": FashionMNIST as PNG folders (data/fashion_mnist_png), wine as CSV and
+# Parquet with a categorical column and missing cells (data/tables).
+data-folders: install data
+	$(PY) tools/write_image_folder.py --out data/fashion_mnist_png
+	$(PY) tools/write_table.py --out data/tables
 
 # The main job: every technique on real FashionMNIST, short budgets (configs/suites/quick.yaml, < 15 min on 2 cores).
 # Finished runs are skipped, so an interrupted `make run` continues where it stopped.

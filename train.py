@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (short class names in YAML)
 from cli_errors import INTERRUPTED, USER_ERRORS, OneLineParser, one_line
-from callbacks import BestAndLastCheckpoint, DeployExport
+from callbacks import BestAndLastCheckpoint, DeployExport, PredictionsCSV
 from lightning_modules import ClassificationModule
 
 DEFAULT_ROOT_DIR = "runs"
@@ -88,6 +88,7 @@ class MorphLabCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(DeployExport, "deploy")  # exported.{json,safetensors,onnx} after test
+        parser.add_lightning_class_args(PredictionsCSV, "predictions")  # predict: predictions.csv in the run directory
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")

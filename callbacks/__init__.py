@@ -5,10 +5,11 @@ from callbacks.checkpoint import BestAndLastCheckpoint
 from callbacks.collapse import CollapseBlocks, ProgressiveCollapse
 from callbacks.connectivity import ConnectivityImages
 from callbacks.deploy import DeployExport
+from callbacks.predictions import PredictionsCSV
 from callbacks.profiler import NullProfiler
 from callbacks.pruning import ProgressivePruning
 from callbacks.sparsity import SparsityScheduler
 from callbacks.temperature import TemperatureAnnealing
 
 __all__ = ["BestAndLastCheckpoint", "TemperatureAnnealing", "SparsityScheduler", "ProgressivePruning", "ConnectivityImages",
-           "CollapseBlocks", "ProgressiveCollapse", "DeployExport", "NullProfiler"]
+           "CollapseBlocks", "ProgressiveCollapse", "DeployExport", "NullProfiler", "PredictionsCSV"]

@@ -33,6 +33,7 @@ class FashionMNISTDataModule(VisionDataModule):
     num_classes = 10
     dataset_mean = (0.2860,)
     dataset_std = (0.3530,)
+    class_names = FashionMNIST.classes
 
     def prepare_data(self) -> None:
         root = Path(self.root)

@@ -103,8 +103,8 @@ class TensorDataModule(LightningDataModule, ABC):
         root: directory for dataset files.
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and predict.
-        val_fraction: share of the training split held out (stratified) for validation and model selection;
-            the test split is never used to select anything.
+        val_fraction: share of the training split held out (stratified) for validation and model selection,
+            unless ``load()`` sets ``given_val``; the test split is never used to select anything.
         split_seed: seed of the validation split (fixed across runs so seeds vary only the training).
         shuffle_seed: seed of the batch order; defaults to the run's ``seed_everything`` value.
     """
@@ -112,6 +112,7 @@ class TensorDataModule(LightningDataModule, ABC):
     name: str = "tensors"
     input_shape: tuple[int, ...] = ()
     num_classes: int = 0
+    class_names: list[str] | None = None  # label i is class_names[i] (predictions.csv); None: the index
 
     def __init__(
         self,
@@ -129,6 +130,7 @@ class TensorDataModule(LightningDataModule, ABC):
         self.val_fraction, self.split_seed, self.shuffle_seed = val_fraction, split_seed, shuffle_seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.source = ""
+        self.given_val: tuple[Tensor, Tensor] | None = None  # a validation split of its own, set by load()
 
     # --- to implement -------------------------------------------------------------------------------------
     @abstractmethod
@@ -153,12 +155,15 @@ class TensorDataModule(LightningDataModule, ABC):
                 raise ValueError(
                     f"{self.name} {split} labels must lie in [0, {self.num_classes - 1}], found {int(y[bad][0])}."
                 )
-        keep, held = stratified_split(y_train, self.val_fraction, self.split_seed)
-        self.splits = {
-            "train": (x_train[keep], y_train[keep]),
-            "val": (x_train[held], y_train[held]),
-            "test": (x_test, y_test),
-        }
+        if self.given_val is not None:
+            self.splits = {"train": (x_train, y_train), "val": self.given_val, "test": (x_test, y_test)}
+        else:
+            keep, held = stratified_split(y_train, self.val_fraction, self.split_seed)
+            self.splits = {
+                "train": (x_train[keep], y_train[keep]),
+                "val": (x_train[held], y_train[held]),
+                "test": (x_test, y_test),
+            }
         sizes = ", ".join(f"{k} {len(v[0]):,}" for k, v in self.splits.items())
         rank_zero_info(f"[data] {self.name}: {sizes} (source: {self.source})")
 
@@ -193,5 +198,17 @@ class TensorDataModule(LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
+    def predict_ids(self) -> list | None:
+        """An id of every predict sample for ``predictions.csv`` (a file path, a row number); None: its index."""
+        return None
+
+    predict_split = "test"  # the split ``predict`` runs on; a datamodule with unlabelled inputs names its own
+
+    def predict_labels(self) -> Tensor | None:
+        """The predict split's labels: the test split's, None for unlabelled inputs."""
+        if not self.splits:
+            self.setup()
+        return self.splits["test"][1] if self.predict_split == "test" else None
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader(self.predict_split, train=False)

@@ -204,7 +204,8 @@ class ClassificationModule(LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self(batch[0]).argmax(dim=-1)
+        """Class probabilities ``softmax(logits)``, one row per sample (``callbacks.PredictionsCSV`` writes them)."""
+        return self(batch[0]).softmax(dim=-1)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -176,8 +176,27 @@ SMOKE_PAIR = {  # by (LightningModule, datamodule): NeuMeta pretrains its target
 }
 
 
+PNG_FOLDER = ROOT / "data" / "fashion_mnist_png_smoke"  # 20 real FashionMNIST images per class and split
+
+
+def png_folder() -> Path:
+    """``PNG_FOLDER``, written on first use (tools/write_image_folder.py)."""
+    from tools.write_image_folder import write_image_folder
+
+    write_image_folder(str(ROOT / "data"), PNG_FOLDER, per_class=20)
+    return PNG_FOLDER
+
+
 def smoke_overrides(model: str | None, net: str | None, data: str | None) -> list[str]:
     """The arguments that shrink an experiment of these classes to two training steps (after its ``--config``)."""
+    if data == "datamodules.ImageFolderDataModule":
+        return [*SMOKE, f"--data.init_args.root={png_folder()}", *SMOKE_NET.get(net, []),
+                *SMOKE_TECHNIQUE.get(model, [])]
+    if data == "datamodules.TableDataModule":
+        from tools.write_table import write_tables
+
+        csv, _ = write_tables(ROOT / "data" / "tables")
+        return [*SMOKE, f"--data.init_args.path={csv}", *SMOKE_NET.get(net, []), *SMOKE_TECHNIQUE.get(model, [])]
     return [*SMOKE, *SMOKE_DATA.get(data, []), *SMOKE_NET.get(net, []), *SMOKE_TECHNIQUE.get(model, []),
             *SMOKE_PAIR.get((model, data), [])]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 from pathlib import Path
 from unittest import mock
 
@@ -209,9 +211,12 @@ def test_predict_returns_one_class_per_test_sample(in_tmp):
     cli = run_cli("fit", *TINY, "--trainer.max_epochs=1", "--test_after_fit=false", *quiet(in_tmp))
     best = cli.trainer.checkpoint_callback.best_model_path
     predicted = run_cli("predict", *TINY, f"--ckpt_path={best}", *quiet(in_tmp, "predict"))
-    batches = predicted.trainer.predict_loop.predictions
-    labels = torch.cat(batches)
-    assert labels.shape == (120,) and labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
+    probabilities = torch.cat(predicted.trainer.predict_loop.predictions)
+    assert probabilities.shape == (120, 2) and torch.allclose(probabilities.sum(1), torch.ones(120))
+    rows = list(csv.DictReader(open(Path(predicted.trainer.log_dir) / "predictions.csv")))
+    assert [r["sample"] for r in rows] == [str(i) for i in range(120)] and {r["label"] for r in rows} <= {"0", "1"}
+    assert [r["predicted"] for r in rows] == [str(i) for i in probabilities.argmax(1).tolist()]
+    assert [float(r["p_1"]) for r in rows] == pytest.approx(probabilities[:, 1].tolist(), abs=1e-6)
 
 
 @pytest.mark.slow
