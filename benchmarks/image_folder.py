@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per fit; fits alternate built-in / folder")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from fit_epochs only
     shutil.rmtree(Path(args.root) / CACHE_DIR, ignore_errors=True)
     first, data = start(args.root)
     images = sum(len(x) for x, _ in data.splits.values())
