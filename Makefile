@@ -22,10 +22,11 @@ data:
 	fi
 
 # Real data in the formats of "your own data": FashionMNIST as PNG folders (data/fashion_mnist_png), wine as CSV and
-# Parquet with a categorical column and missing cells (data/tables).
+# Parquet with a categorical column and missing cells (data/tables), both as local Hugging Face datasets (data/hf).
 data-folders: install data
 	$(PY) tools/write_image_folder.py --out data/fashion_mnist_png
 	$(PY) tools/write_table.py --out data/tables
+	$(PY) tools/write_hf_datasets.py --out data/hf
 
 # The main job: every technique on real FashionMNIST, short budgets (configs/suites/quick.yaml, < 15 min on 2 cores).
 # Finished runs are skipped, so an interrupted `make run` continues where it stopped.

@@ -2,6 +2,7 @@
 
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
+from datamodules.hf_dataset import HFImageDataModule, HFTextDataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import MNISTDataModule
 from datamodules.sst2 import SST2DataModule
@@ -13,6 +14,8 @@ __all__ = [
     "TensorDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "HFImageDataModule",
+    "HFTextDataModule",
     "MNISTDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",

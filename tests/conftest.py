@@ -192,6 +192,15 @@ def smoke_overrides(model: str | None, net: str | None, data: str | None) -> lis
     if data == "datamodules.ImageFolderDataModule":
         return [*SMOKE, f"--data.init_args.root={png_folder()}", *SMOKE_NET.get(net, []),
                 *SMOKE_TECHNIQUE.get(model, [])]
+    if data in ("datamodules.HFImageDataModule", "datamodules.HFTextDataModule"):
+        from tools.write_hf_datasets import write_fashion, write_sentences
+
+        small = ROOT / "data" / "hf_smoke"
+        path = write_fashion(str(ROOT / "data"), small / "fashion_mnist", 200) if "Image" in data else \
+            write_sentences(str(ROOT / "data"), small / "rt_snippets", 200)
+        return [*SMOKE, f"--data.init_args.dataset={path}", *SMOKE_NET.get(net, []), *SMOKE_TECHNIQUE.get(model, []),
+                *(["--data.init_args.encoder=minilm", "--data.init_args.train_size=40", "--data.init_args.max_length=32"]
+                  if "Text" in data else [])]
     if data == "datamodules.TableDataModule":
         from tools.write_table import write_tables
 
