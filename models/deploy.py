@@ -35,7 +35,13 @@ FORMAT = "morphlab-program-v1"
 
 
 def _batch_dims(example: Any) -> Any:
+    """The batch dimension of every input dynamic; in a dict of token tensors ``(batch, sequence)`` the sequence
+    dimension too (batches are trimmed to their longest sentence), up to BERT's 512 positions."""
     batch = torch.export.Dim("batch", min=1, max=65536)
+    if isinstance(example, dict):
+        sequence = torch.export.Dim("sequence", min=2, max=512)
+        return {k: ({0: batch, 1: sequence} if t.dim() == 2 else {0: batch}) if isinstance(t, Tensor) else None
+                for k, t in example.items()}
     return pytree.tree_map(lambda t: {0: batch} if isinstance(t, Tensor) else None, example)
 
 

@@ -156,3 +156,20 @@ def test_every_quick_technique_writes_a_checked_deployable(name, tmp_path):
     for file in ("exported.json", "exported.safetensors", "exported.onnx"):
         assert (run_dir / file).is_file()
     assert not list(run_dir.glob("*.pt"))  # no pickle is written
+
+
+def test_a_token_model_takes_any_sentence_length(tmp_path):
+    """Token batches are trimmed to their longest sentence: the sequence dimension of an export is dynamic too."""
+    torch.manual_seed(0)
+    model = trained_looking(MorphoTransformer((12,), 3, vocab_size=40, d_model=16, n_heads=2, ff_dim=8).export())
+    tokens = lambda n, length: {"input_ids": torch.randint(0, 40, (n, length)),  # noqa: E731
+                                "attention_mask": torch.ones(n, length, dtype=torch.long)}
+    program = deploy.export_program(model, tokens(4, 9))
+    onnx_path = deploy.save_onnx(program, tmp_path / "exported.onnx")
+    loaded = deploy.load_exported(deploy.save_program(program, tmp_path / "exported")[0])
+    for rows, length in ((2, 9), (3, 12), (5, 4)):
+        x = tokens(rows, length)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), model(x), atol=1e-6, rtol=0)
+        check = deploy.check_onnx(onnx_path, model, x)
+        assert check["max_abs_diff"] <= 1e-5 and check["argmax_agree"]
