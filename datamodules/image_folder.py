@@ -117,9 +117,7 @@ class ImageFolderDataModule(VisionDataModule):
         super().__init__(root=root, **kwargs)
         self.image_size, self.channels, self.test_fraction = image_size, channels, test_fraction
         self.workers = workers or os.cpu_count() or 1
-        self.predict_root = predict_root
-        self.test_paths: list[str] = []  # file of every test sample, relative to root
-        self.predict_paths: list[str] = []  # file of every predict_root sample, relative to it
+        self.predict_root = self.predict_inputs = predict_root  # sample ids: paths under root / predict_root
 
     # --- decoding and cache ---------------------------------------------------------------------------------
     def _cache_key(self, samples: list[tuple[str, int]], base: str) -> str:
@@ -173,7 +171,7 @@ class ImageFolderDataModule(VisionDataModule):
             x_train, y_train, train_paths = x_train[keep], y_train[keep], [train_paths[i] for i in keep.tolist()]
         if "val" in decoded:
             self.given_val = decoded["val"][:2]
-        self.test_paths = test_paths
+        self.sample_ids["test"] = test_paths
         skipped = sum(d[3] for d in decoded.values())
         cached = all(d[4] for d in decoded.values())
         self.source = (f"{', '.join(str(f) for f in found.values())}; {self.num_classes} classes; "
@@ -188,15 +186,6 @@ class ImageFolderDataModule(VisionDataModule):
                            and CACHE_DIR not in f.relative_to(root).parts)
             if not files:
                 raise ValueError(f"data.predict_root={self.predict_root!r} holds no file with an image extension.")
-            x, y, self.predict_paths, skipped, _ = self.decode_samples([(f, 0) for f in files], root, "all")
+            x, y, self.sample_ids["predict"], skipped, _ = self.decode_samples([(f, 0) for f in files], root, "all")
             self.splits["predict"] = (x, y)
             rank_zero_info(f"[data] {self.name}: predict {len(x):,} unlabelled images from {root} ({skipped} unreadable skipped)")
-
-    @property
-    def predict_split(self) -> str:
-        return "predict" if self.predict_root is not None else "test"
-
-    def predict_ids(self) -> list:
-        if not self.splits:
-            self.setup()
-        return self.predict_paths if self.predict_root is not None else self.test_paths

@@ -99,12 +99,14 @@ class TableDataModule(TensorDataModule):
         self.num_classes = len(self.class_names)
         y = torch.as_tensor(labels.codes.astype(np.int64))
         train, test = stratified_split(y, test_fraction, self.split_seed)
-        self.features, self.categorical, self.predict_path = features, categorical, predict_path
+        self.features, self.categorical = features, categorical
+        self.predict_path = self.predict_inputs = predict_path  # sample ids: the rows of path / predict_path
         self._fit_encoding(labelled, train.numpy())
         x = self.encode(labelled)
         self._x_train, self._x_test = x[train], x[test]
         self._y_train, self._y_test = y[train], y[test]
         self.test_rows = file_rows[test.numpy()].tolist()  # the file's row (from 0, header aside) of every test sample
+        self.sample_ids["test"] = self.test_rows
         self.input_shape = (self._x_train.shape[1],)
         self.source = (f"{path}: {len(labelled):,} rows, {len(features)} feature columns ({len(categorical)} one-hot) -> "
                        f"{self.input_shape[0]} inputs; {self.dropped_rows} row(s) without a target dropped; missing "
@@ -151,12 +153,4 @@ class TableDataModule(TensorDataModule):
                 raise ValueError(f"data.predict_path={self.predict_path!r} lacks the feature column(s) {missing}.")
             x = self.encode(table)
             self.splits["predict"] = (x, torch.zeros(len(x), dtype=torch.long))
-
-    @property
-    def predict_split(self) -> str:
-        return "predict" if self.predict_path is not None else "test"
-
-    def predict_ids(self) -> list:
-        if not self.splits:
-            self.setup()
-        return list(range(len(self.splits["predict"][0]))) if self.predict_path is not None else self.test_rows
+            self.sample_ids["predict"] = list(range(len(x)))

@@ -131,6 +131,8 @@ class TensorDataModule(LightningDataModule, ABC):
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.source = ""
         self.given_val: tuple[Tensor, Tensor] | None = None  # a validation split of its own, set by load()
+        self.predict_inputs: str | None = None  # unlabelled inputs (a folder, a table) predict runs on, not the test split
+        self.sample_ids: dict[str, list] = {}  # split -> an id per sample for predictions.csv (a file path, a row)
 
     # --- to implement -------------------------------------------------------------------------------------
     @abstractmethod
@@ -198,11 +200,16 @@ class TensorDataModule(LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
-    def predict_ids(self) -> list | None:
-        """An id of every predict sample for ``predictions.csv`` (a file path, a row number); None: its index."""
-        return None
+    @property
+    def predict_split(self) -> str:
+        """The split ``predict`` runs on: ``predict`` (the unlabelled inputs) when there are any, else ``test``."""
+        return "test" if self.predict_inputs is None else "predict"
 
-    predict_split = "test"  # the split ``predict`` runs on; a datamodule with unlabelled inputs names its own
+    def predict_ids(self) -> list | None:
+        """An id of every predict sample for ``predictions.csv`` (``sample_ids``); None: its index."""
+        if not self.splits:
+            self.setup()
+        return self.sample_ids.get(self.predict_split)
 
     def predict_labels(self) -> Tensor | None:
         """The predict split's labels: the test split's, None for unlabelled inputs."""

@@ -35,9 +35,9 @@ def test_the_pixels_and_labels_are_fashion_mnist_s_own(folder):
     assert data.class_names == CLASSES and data.num_classes == 10 and data.input_shape == (1, 28, 28)
     source = FashionMNIST(str(ROOT / "data"), train=False, download=False)
     x, y = data.splits["test"]
-    assert len(data.test_paths) == len(x) == 200
+    assert len(data.sample_ids["test"]) == len(x) == 200
     for i in (0, 57, 199):  # PNG is lossless: the decoded image is the dataset's, under its class's folder
-        path = Path(data.test_paths[i])
+        path = Path(data.sample_ids["test"][i])
         index = int(path.stem)
         assert torch.equal(x[i, 0], source.data[index])
         assert source.classes[int(source.targets[index])].replace("/", "_") == path.parent.name == CLASSES[int(y[i])]
@@ -67,7 +67,7 @@ def test_a_flat_folder_gets_a_stratified_test_split_and_a_val_folder_is_used(fol
     data = dm(flat, test_fraction=0.25)
     assert torch.bincount(data.splits["test"][1], minlength=10).tolist() == [5] * 10
     assert len(data.splits["train"][0]) + len(data.splits["val"][0]) == 150
-    assert all(Path(p).parent.name in CLASSES and len(Path(p).parts) == 2 for p in data.test_paths)  # <class>/<file>
+    assert all(Path(p).parent.name in CLASSES and len(Path(p).parts) == 2 for p in data.sample_ids["test"])  # <class>/<file>
     shutil.copytree(folder / "test", folder / "val")
     with_val = dm(folder)
     assert len(with_val.splits["train"][0]) == 200 and len(with_val.splits["val"][0]) == 200
