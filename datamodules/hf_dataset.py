@@ -84,6 +84,11 @@ class HFSplits:
         self.source = f"{dataset} ({train_split!r} as the pool, {self.how})"
 
 
+def dataset_name(dataset: str) -> str:
+    """The name results use: a local dataset's folder or file stem, a hub name with ``/`` as ``_``."""
+    return Path(dataset).stem if Path(dataset).exists() else dataset.replace("/", "_")
+
+
 def image_tensor(image: Any, channels: int, size: int) -> Tensor:
     """A PIL image (or a path PIL opens) as uint8 ``(channels, size, size)``."""
     from PIL import Image  # noqa: PLC0415
@@ -118,12 +123,12 @@ class HFImageDataModule(VisionDataModule):
         channels: Literal[1, 3] = 3,
         **kwargs,
     ) -> None:
-        split_seed = kwargs.get("split_seed", 0)
-        self.hf = HFSplits(dataset, config_name, input_column, label_column, train_split, test_split, test_fraction, split_seed)
-        self.class_names, self.num_classes = self.hf.class_names, len(self.hf.class_names)
-        self.input_shape = (channels, image_size, image_size)
-        self.name = Path(dataset).stem if Path(dataset).exists() else dataset.replace("/", "_")
+        self.input_shape = (channels, image_size, image_size)  # VisionDataModule's normalisation reads the channels
         super().__init__(**kwargs)
+        self.hf = HFSplits(dataset, config_name, input_column, label_column, train_split, test_split, test_fraction,
+                           self.split_seed)
+        self.class_names, self.num_classes = self.hf.class_names, len(self.hf.class_names)
+        self.name = dataset_name(dataset)
         self.image_size, self.channels = image_size, channels
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -158,7 +163,7 @@ class HFTextDataModule(SST2DataModule):
         self.hf = HFSplits(dataset, config_name, input_column, label_column, train_split, test_split, test_fraction,
                            self.split_seed)
         self.class_names, self.num_classes = self.hf.class_names, len(self.hf.class_names)
-        self.dataset_name = Path(dataset).stem if Path(dataset).exists() else dataset.replace("/", "_")
+        self.dataset_name = dataset_name(dataset)
 
     def prepare_data(self) -> None:
         if self._texts is not None:

@@ -132,8 +132,7 @@ class GlobalBatchLayers(LayerSync):
     FORWARDS = ((_BatchNorm, _global_batch_norm_forward), (nn.Dropout, _global_batch_dropout_forward))
 
     def __init__(self) -> None:
-        self.sync_batchnorm = False
-        self._batchnorm_classes: dict[str, type[nn.Module]] = {}
+        self._batchnorm_classes: dict[str, type[nn.Module]] = {}  # what each SyncBatchNorm was (NCCL only)
 
     @staticmethod
     def on_nccl() -> bool:
@@ -141,13 +140,13 @@ class GlobalBatchLayers(LayerSync):
         return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
 
     def apply(self, model: nn.Module) -> nn.Module:
-        self.sync_batchnorm = self.on_nccl()
-        if self.sync_batchnorm:
+        sync_batchnorm = self.on_nccl()
+        if sync_batchnorm:
             self._batchnorm_classes = {n: type(m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and n}
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         for module in model.modules():
             for kind, forward in self.FORWARDS:
-                if isinstance(module, kind) and not (self.sync_batchnorm and kind is _BatchNorm):
+                if isinstance(module, kind) and not (sync_batchnorm and kind is _BatchNorm):
                     module.forward = MethodType(forward, module)
         return model
 
