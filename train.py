@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (short class names in YAML)
 from cli_errors import INTERRUPTED, USER_ERRORS, OneLineParser, one_line
-from callbacks import BestAndLastCheckpoint, DeployExport, PredictionsCSV
+from callbacks import BestAndLastCheckpoint, DeployExport, PredictionsCSV, TimedProgressBar
 from lightning_modules import ClassificationModule
 
 DEFAULT_ROOT_DIR = "runs"
@@ -133,6 +133,16 @@ class MorphLabCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
                 init_args.save_dir = str(root)
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with ``callbacks.TimedProgressBar`` as its progress bar unless the bar is off or
+        ``--trainer.callbacks`` brings one (Lightning's default bar redraws after every batch)."""
+        config = self._get(self.config_init, "trainer", default={})
+        given = config.get("callbacks") or []
+        given = list(given) if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            kwargs.setdefault("callbacks", [*given, TimedProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first checkpoint leaves no half-written run directory behind."""
