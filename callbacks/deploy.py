@@ -7,7 +7,7 @@ into the run directory (``models.deploy``):
 
 * ``exported.json`` + ``exported.safetensors``: the PyTorch program, nothing to unpickle
   (``models.deploy.load_exported``); re-loaded and compared with the model on the first real test batch;
-* ``exported.onnx`` (opset 18, dynamic batch): run in ONNX Runtime on the same batch (max |delta| <= 1e-4 and the
+* ``exported.onnx`` (opset 20, dynamic batch): run in ONNX Runtime on the same batch (max |delta| <= 1e-4 and the
   same argmax, else the run stops with one sentence) and timed at batch 1 and 256 beside PyTorch's latency.
 
 What it measured goes into ``summary.json`` under ``deploy``. ``--deploy.onnx false`` / ``--deploy.program false``

@@ -1,5 +1,6 @@
 """The benchmark scripts compute what they print: ``morphonet_claim.py`` chooses on validation within the parameter
-budget, never on test; ``export_speed.py`` builds a config's dense network to time it against runs."""
+budget, never on test; ``export_speed.py`` builds a config's dense network to time it against runs; ``ort_profile.py``
+splits ONNX Runtime's time by operator."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from export_speed import untrained_of  # noqa: E402
+from ort_profile import PRODUCTS, profile_all  # noqa: E402
 from morphonet_claim import choose, by_experiment, verdict_table  # noqa: E402
 
 
@@ -44,3 +46,21 @@ def test_a_config_is_timed_as_its_untrained_network():
     net = untrained_of(ROOT / "configs/moons/baseline.yaml")
     assert not net.training
     assert sum(p.numel() for p in net.parameters()) == (2 * 64 + 64) + (64 * 32 + 32) + (32 * 2 + 2)  # MLP [64, 32]
+
+
+def test_the_ort_profile_splits_a_run_into_its_operators(tmp_path):
+    import torch
+    from torch import nn
+
+    from models import deploy
+
+    paths = []
+    for name, activation in (("relu", nn.ReLU()), ("gelu", nn.GELU())):
+        net = nn.Sequential(nn.Linear(12, 32), activation, nn.Linear(32, 3)).eval()
+        x = torch.randn(2, 12)
+        paths.append(deploy.save_onnx(deploy.export_program(net, x), tmp_path / name / "exported.onnx"))
+    relu, gelu = profile_all(paths, batch=64, runs=20, rounds=4, warmup=2, threads=1)
+    assert set(relu["by_op"]) & PRODUCTS and "Gelu" not in relu["by_op"]
+    assert "Gelu" in gelu["by_op"] and set(gelu["by_op"]) & PRODUCTS
+    for result in (relu, gelu):  # node times are parts of the run's time
+        assert 0 < sum(result["by_op"].values()) <= 1.1 * result["run_ms"]
