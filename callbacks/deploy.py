@@ -77,7 +77,8 @@ class DeployExport(pl.Callback):
             save_summary(path, {**json.loads(path.read_text()), "deploy": record})
 
     def export(self, module: pl.LightningModule, log_dir: Path) -> dict[str, Any]:
-        model = copy.deepcopy(module.deployed_model()).cpu().eval()
+        built = module.record.take_tested_deployable()  # the one summary.json measured, if it was built
+        model = copy.deepcopy(built if built is not None else module.deployed_model()).cpu().eval()
         example = pytree.tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, module.example_args()[0])
         batch = self._batch
         if isinstance(batch, dict) and isinstance(example, dict):  # the model's inputs, not the pipeline's (a row uid)

@@ -40,6 +40,12 @@ class RunRecord:
         self.epochs_trained = 0
         self.metrics: dict[str, float] = {}
         self._epoch_start: float | None = None
+        self.tested_deployable: nn.Module | None = None  # the test summary's deployed model, for callbacks.DeployExport
+
+    def take_tested_deployable(self) -> nn.Module | None:
+        """The deployed model the last test summary measured (once: a later test builds its own), or None."""
+        deployed, self.tested_deployable = self.tested_deployable, None
+        return deployed
 
     def epoch_started(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -114,6 +120,7 @@ def write_summary(module: ClassificationModule, stage: str) -> Path | None:
         return None
     datamodule = trainer.datamodule
     deployed = module.deployed_model()  # built once: an export, collapse or generation can be costly
+    record.tested_deployable = deployed if stage == "test" else None  # DeployExport exports this one after test
     summary = {
         "technique": module.technique,
         "dataset": getattr(datamodule, "name", None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -169,6 +170,20 @@ def test_every_quick_technique_writes_a_checked_deployable(name, tmp_path):
     for file in ("exported.json", "exported.safetensors", "exported.onnx"):
         assert (run_dir / file).is_file()
     assert not list(run_dir.glob("*.pt"))  # no pickle is written
+
+
+def test_the_test_end_builds_the_deployed_model_once(tmp_path):
+    """summary.json's accounting and the deployable export use one deployed model at the end of test (an export
+    or a generation can be costly): fit start (accounting), fit end and test end build it, DeployExport does not."""
+    from lightning_modules import Baseline, ClassificationModule
+
+    config = "configs/fashion_mnist/baseline.yaml"
+    args = [*smoke_args(config, classes(config), tmp_path), "--deploy.program=true", "--deploy.onnx=false"]
+    with mock.patch.object(Baseline, "deployed_model", autospec=True, side_effect=ClassificationModule.deployed_model) as built:
+        cli = run_cli("fit", *args)
+    assert built.call_count == 3
+    assert (Path(cli.trainer.log_dir) / "exported.json").is_file()
+    assert cli.model.record.tested_deployable is None  # handed over, not kept
 
 
 def test_a_token_model_takes_any_sentence_length(tmp_path):
