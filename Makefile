@@ -44,7 +44,7 @@ test-slow: install data
 	$(PY) -m pytest -m slow
 
 test-reliability: install data
-	$(PY) -m pytest -m slow tests/test_crash_resume.py tests/test_ddp.py tests/test_compare.py tests/test_bad_inputs.py tests/test_reliability.py
+	$(PY) -m pytest -m slow tests/test_crash_resume.py tests/test_ddp.py tests/test_compare.py tests/test_bad_inputs.py tests/test_reliability.py tests/test_tune.py
 
 bench: install data
 	$(PY) benchmarks/overhead.py --config configs/fashion_mnist/baseline.yaml

@@ -5,6 +5,7 @@
     python compare.py run configs/suites/quick.yaml --dry-run            # print the train.py commands
     python compare.py report configs/suites/quick.yaml [--readme README.md]   # re-write the report only
     python compare.py table runs/ [--csv out.csv]                        # tabulate any directory of runs
+    python compare.py tune tune_wine [--trials 12] [--only baseline]      # equal-budget Optuna studies, then their best
 
 Every run is ``python train.py fit --config ...`` (the same LightningCLI, in a child process), so a suite run is
 reproducible by hand from the command at the top of its log. ``results/<suite>/`` receives ``results.csv`` (one
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--readme", type=Path, help="also replace the suite's block in this markdown file")
     for p in (run, rep):
         p.add_argument("--results", type=Path, default=ROOT / "results", help="where results/<suite>/ lives")
+    tune = sub.add_parser("tune", help="run (or continue) one Optuna study per experiment, the same trials for each")
+    tune.add_argument("suite")
+    tune.add_argument("--trials", type=int, help="trials per experiment (default: the suite's tuning.trials)")
+    tune.add_argument("--timeout", type=float, help="seconds per experiment after which no new trial starts")
+    tune.add_argument("--only", nargs="+", metavar="LABEL", help="tune only these experiments")
+    tune.add_argument("--storage", help="an Optuna RDB URL shared by several machines (default: results/<suite>/tuning.db)")
+    tune.add_argument("--grace", type=int, default=120, help="seconds without a heartbeat after which a running trial is dead")
+    tune.add_argument("--results", type=Path, default=ROOT / "results", help="where results/<suite>/ lives")
     table = sub.add_parser("table", help="tabulate the summary.json files under a directory")
     table.add_argument("root", type=Path)
     table.add_argument("--csv", type=Path, help="also write one row per run to this CSV file")
@@ -105,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(records, args.csv)
         return 0
     suite = load_suite(_suite_path(args.suite))
+    if args.command == "tune":
+        from comparison.tune import tuner_of  # optuna is imported only to tune
+
+        tuner = tuner_of(suite, args.results, args.storage, args.grace, args.trials)
+        tuner.run(args.only, args.timeout)
+        print(tuner.report())
+        return 0
     if args.command == "report":
         report(suite, args.results, args.readme)
         return 0

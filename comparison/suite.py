@@ -9,6 +9,8 @@ A suite file (``configs/suites/<name>.yaml``)::
       - label: baseline                       # a row of the table, a directory under runs/
         config: configs/fashion_mnist/baseline.yaml    # or a list of configs, composed in order
         overrides: {model.init_args.lr_scheduler.init_args.T_max: 3}     # this experiment only (optional)
+        search: {model.init_args.optimizer.init_args.lr: {log: [1.0e-4, 1.0e-2]}}   # compare.py tune (optional)
+    tuning: {trials: 12, overrides: {trainer.max_epochs: 3}}   # compare.py tune: see comparison/tune.py (optional)
 
 Runs live in ``results/<suite>/runs/<label>/seed<k>/`` (the usual run directory: TensorBoard events,
 ``config.yaml``, ``checkpoints/``, ``summary.json``) with the child's output in ``results/<suite>/logs/``.
@@ -31,8 +33,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE_KEYS = {"description", "seeds", "overrides", "experiments"}
-EXPERIMENT_KEYS = {"label", "config", "overrides"}
+SUITE_KEYS = {"description", "seeds", "overrides", "experiments", "tuning"}
+EXPERIMENT_KEYS = {"label", "config", "overrides", "search"}  # tuning, search: comparison/tune.py
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Experiment:
     label: str
     configs: list[Path]
     overrides: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] | None = None  # its tuning search space (comparison/tune.py checks it)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Suite:
     seeds: list[int]
     experiments: list[Experiment]
     overrides: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # trials, budget and metric of `compare.py tune` (comparison/tune.py)
 
     def runs(self, only: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[Experiment, int]]:
         """(experiment, seed) pairs in suite order (experiments outer), restricted to ``only`` labels and ``seeds``."""
@@ -102,8 +106,8 @@ def load_suite(path: Path) -> Suite:
         extra = entry.get("overrides") or {}
         if not isinstance(extra, dict):
             raise _fail(path, f"experiments[{i}].overrides must be a mapping, got {extra!r}.")
-        experiments.append(Experiment(label, configs, extra))
-    return Suite(path.stem, str(spec.get("description", "")).strip(), seeds, experiments, overrides)
+        experiments.append(Experiment(label, configs, extra, entry.get("search")))
+    return Suite(path.stem, str(spec.get("description", "")).strip(), seeds, experiments, overrides, spec.get("tuning"))
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:

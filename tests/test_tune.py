@@ -1,0 +1,130 @@
+"""compare.py tune: Optuna studies of train.py trials that survive a kill and can be shared by processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from comparison.suite import load_suite
+from comparison.tune import Tuner, parse_search, parse_tuning, tuner_of
+from conftest import ROOT
+
+BUDGET = {"trainer.max_epochs": 2, "trainer.enable_model_summary": False}
+
+
+def write_suite(tmp_path: Path, trials: int, pruning: bool = False) -> Path:
+    suite = {
+        "description": "tuning test",
+        "seeds": [0],
+        "tuning": {"trials": trials, "overrides": BUDGET, "metric": "val/acc_best", "pruning": pruning},
+        "experiments": [{"label": "baseline", "config": "configs/wine/baseline.yaml",
+                         "search": {"model.init_args.optimizer.init_args.lr": {"log": [1e-4, 1e-1]}}}],
+    }
+    path = tmp_path / "tune_test.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def trials_of(results: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name="tune_test/baseline", storage=f"sqlite:///{results / 'tune_test' / 'tuning.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"trials": 0}, "positive integer"),
+    ({"trials": 3, "metric": "test/acc"}, "validation metric"),
+    ({"trials": 3, "budget": {}}, "keys"),
+])
+def test_a_bad_tuning_block_is_refused_in_one_sentence(block, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_tuning(block, "suite.yaml")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"a.lr": {"log": [0.0, 1.0]}}, "low > 0"),
+    ({"a.lr": {"float": [1.0, 0.5]}}, "low < high"),
+    ({"a.rank": {"int": [1.5, 4]}}, "integers"),
+    ({"a.kind": {"choice": []}}, "non-empty list"),
+    ({"a.lr": {"normal": [0, 1]}}, "must be one of"),
+    ({}, "non-empty mapping"),
+])
+def test_a_bad_search_space_is_refused_in_one_sentence(space, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_search(space, "suite.yaml")
+
+
+def test_a_suite_without_a_search_space_cannot_be_tuned(tmp_path):
+    suite = load_suite(ROOT / "configs/suites/quick.yaml")
+    with pytest.raises(SystemExit, match="no tuning block"):
+        tuner_of(suite, tmp_path)
+
+
+@pytest.mark.slow
+def test_trials_are_train_py_runs_with_the_sampled_values_and_a_rerun_continues(tmp_path):
+    results = tmp_path / "results"
+    tuner_of(load_suite(write_suite(tmp_path, trials=2)), results).run()
+    first = trials_of(results)
+    assert [t.state for t in first] == [TrialState.COMPLETE] * 2
+    for trial in first:
+        run_dir = results / "tune_test" / "tuning" / "baseline" / f"trial{trial.number}"
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(trial.params["model.init_args.optimizer.init_args.lr"])
+        assert config["trainer"]["max_epochs"] == 2 and config["test_after_fit"] is False
+        log = (run_dir.parent / f"trial{trial.number}.log").read_text()
+        assert log.splitlines()[0] == trial.user_attrs["command"] and "train.py fit" in log.splitlines()[0]
+        assert not (run_dir / "exported.onnx").exists()  # validation only: no test, no deployable
+    assert first[0].params != first[1].params
+    # a larger budget later: only the missing trial runs, the finished ones are not rerun or counted twice
+    tuner_of(load_suite(write_suite(tmp_path, trials=3)), results).run()
+    again = trials_of(results)
+    assert [t.state for t in again] == [TrialState.COMPLETE] * 3
+    assert [t.value for t in again[:2]] == [t.value for t in first]
+
+
+def start_tune(suite: Path, results: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "compare.py"), "tune", str(suite), f"--results={results}", *extra],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_tune_continues_and_retries_the_trial_it_left_running(tmp_path):
+    results, suite = tmp_path / "results", write_suite(tmp_path, trials=2)
+    tune = start_tune(suite, results, "--grace=2")
+    log = results / "tune_test" / "tuning" / "baseline" / "trial0.log"
+    deadline = time.time() + 120
+    while not (log.is_file() and "[data]" in log.read_text(errors="replace")) and time.time() < deadline:  # in its fit
+        time.sleep(0.5)
+    os.killpg(tune.pid, signal.SIGKILL)  # the tune process and its trial, as a crash or a lost machine would
+    tune.wait()
+    assert [t.state for t in trials_of(results)] == [TrialState.RUNNING]
+    time.sleep(3)  # past the grace period: the trial's heartbeat has stopped
+    assert start_tune(suite, results, "--grace=2").wait(timeout=300) == 0
+    trials = trials_of(results)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 2 and states[0] == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == trials[0].number]
+    assert len(retried) == 1 and retried[0].params == trials[0].params  # the dead trial, run again as it was
+
+
+@pytest.mark.slow
+def test_two_tune_processes_share_the_studies(tmp_path):
+    results, suite = tmp_path / "results", write_suite(tmp_path, trials=4)
+    tunes = [start_tune(suite, results) for _ in range(2)]
+    assert [t.wait(timeout=600) for t in tunes] == [0, 0]
+    trials = trials_of(results)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # each process stops when the database holds 4 finished or running trials; two that finish together can
+    # both start one more, so at most one trial over the budget, never one per process (which would be 8)
+    assert 4 <= len(complete) <= 5
+    assert len({t.number for t in trials}) == len(trials)
+    hosts = {t.user_attrs["process"] for t in complete}
+    assert len(hosts) == 2  # both processes ran trials of the one study
