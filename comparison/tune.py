@@ -31,12 +31,14 @@ import math
 import os
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from lightning.pytorch import Callback
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -145,10 +147,20 @@ class Tuner:
         self.grace = grace
         self.runner = Runner(suite, results)
 
-    def storage(self) -> RDBStorage:
+    def storage(self, attempts: int = 5) -> RDBStorage:
+        """The studies' storage. SQLite: writers wait up to 60 s for the file's lock (the default is 5 s), and two
+        processes creating a new database's tables at once get an OperationalError, after which one retries."""
         self.out.mkdir(parents=True, exist_ok=True)
-        return RDBStorage(self.url, heartbeat_interval=max(1, self.grace // 4), grace_period=self.grace,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        engine = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else None
+        for attempt in range(attempts):
+            try:
+                return RDBStorage(self.url, engine_kwargs=engine, heartbeat_interval=max(1, self.grace // 4),
+                                  grace_period=self.grace,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            except sqlalchemy.exc.OperationalError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1 + attempt)
 
     def study(self, experiment: Experiment, storage: RDBStorage | None = None) -> optuna.Study:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if self.tuning.pruning else optuna.pruners.NopPruner()

@@ -91,8 +91,15 @@ def test_trials_are_train_py_runs_with_the_sampled_values_and_a_rerun_continues(
 
 
 def start_tune(suite: Path, results: Path, *extra: str) -> subprocess.Popen:
+    """``compare.py tune`` in a process group of its own, its output in ``<suite>.<n>.out`` beside the suite file."""
+    n = len(list(suite.parent.glob(f"{suite.name}.*.out")))
+    out = open(suite.parent / f"{suite.name}.{n}.out", "w")
     return subprocess.Popen([sys.executable, str(ROOT / "compare.py"), "tune", str(suite), f"--results={results}", *extra],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def outputs(suite: Path) -> str:
+    return "\n".join(p.read_text()[-2000:] for p in sorted(suite.parent.glob(f"{suite.name}.*.out")))
 
 
 @pytest.mark.slow
@@ -107,7 +114,7 @@ def test_a_killed_tune_continues_and_retries_the_trial_it_left_running(tmp_path)
     tune.wait()
     assert [t.state for t in trials_of(results)] == [TrialState.RUNNING]
     time.sleep(3)  # past the grace period: the trial's heartbeat has stopped
-    assert start_tune(suite, results, "--grace=2").wait(timeout=300) == 0
+    assert start_tune(suite, results, "--grace=2").wait(timeout=300) == 0, outputs(suite)
     trials = trials_of(results)
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 2 and states[0] == TrialState.FAIL
@@ -119,7 +126,7 @@ def test_a_killed_tune_continues_and_retries_the_trial_it_left_running(tmp_path)
 def test_two_tune_processes_share_the_studies(tmp_path):
     results, suite = tmp_path / "results", write_suite(tmp_path, trials=4)
     tunes = [start_tune(suite, results) for _ in range(2)]
-    assert [t.wait(timeout=600) for t in tunes] == [0, 0]
+    assert [t.wait(timeout=600) for t in tunes] == [0, 0], outputs(suite)
     trials = trials_of(results)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     # each process stops when the database holds 4 finished or running trials; two that finish together can
