@@ -121,6 +121,13 @@ def override_args(overrides: dict[str, Any]) -> list[str]:
     return args
 
 
+def fit_command(suite: Suite, experiment: Experiment) -> list[str]:
+    """``python train.py fit --config ...`` with the suite's and the experiment's overrides (a run's or a trial's head)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit"]
+    cmd += [f"--config={c.relative_to(ROOT) if c.is_relative_to(ROOT) else c}" for c in experiment.configs]
+    return cmd + override_args(suite.overrides) + override_args(experiment.overrides)
+
+
 class Runner:
     """Run a suite's missing runs one after another, printing progress, then leave the summaries for the report."""
 
@@ -143,11 +150,7 @@ class Runner:
 
     def command(self, experiment: Experiment, seed: int) -> list[str]:
         """The ``train.py fit`` command line of one run (resuming from its ``last.ckpt`` when there is one)."""
-        cmd = [sys.executable, str(ROOT / "train.py"), "fit"]
-        for config in experiment.configs:
-            cmd.append(f"--config={config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}")
-        cmd += override_args(self.suite.overrides) + override_args(experiment.overrides)
-        cmd += [
+        cmd = fit_command(self.suite, experiment) + [
             f"--seed_everything={seed}",
             f"--trainer.logger.init_args.save_dir={self.runs_dir}",
             f"--trainer.logger.init_args.name={experiment.label}",
@@ -179,7 +182,7 @@ class Runner:
             if durations:
                 eta = f", about {_minutes(sum(durations) / len(durations) * (len(todo) - index + 1))} left"
             print(f"[{index}/{len(todo)}] {name}{' (resuming from last.ckpt)' if resuming else ''}{eta}", flush=True)
-            seconds, code = self._execute(cmd, self.log_path(experiment, seed))
+            seconds, code = self.execute(cmd, self.log_path(experiment, seed))
             durations.append(seconds)
             summary = self.test_summary(experiment, seed) if code == 0 else None
             if summary is not None:
@@ -193,7 +196,7 @@ class Runner:
             print(f"suite {self.suite.name}: ran {len(todo)} runs in {_minutes(time.perf_counter() - start)}, {len(failed)} failed", flush=True)
         return failed
 
-    def _execute(self, cmd: list[str], log_path: Path) -> tuple[float, int]:
+    def execute(self, cmd: list[str], log_path: Path) -> tuple[float, int]:
         """Run one child, its output to ``log_path`` (and the terminal with ``verbose``); a heartbeat every minute."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from comparison.suite import ROOT, Experiment, Runner, Suite, override_args
+from comparison.suite import Experiment, Runner, Suite, fit_command, override_args
 
 # the heartbeat and its retry callback are marked experimental; Optuna's own per-trial INFO lines repeat ours
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -173,10 +172,7 @@ class Tuner:
 
     def command(self, experiment: Experiment, number: int, values: dict[str, Any]) -> list[str]:
         """The ``train.py fit`` command of one trial: the experiment, the tuning budget, the sampled values."""
-        cmd = [sys.executable, str(ROOT / "train.py"), "fit"]
-        cmd += [f"--config={c.relative_to(ROOT) if c.is_relative_to(ROOT) else c}" for c in experiment.configs]
-        cmd += override_args(self.suite.overrides) + override_args(experiment.overrides)
-        cmd += override_args(self.tuning.overrides) + override_args(values)
+        cmd = fit_command(self.suite, experiment) + override_args(self.tuning.overrides) + override_args(values)
         run_dir = self.trial_dir(experiment, number)
         cmd += [f"--seed_everything={SEED}", "--test_after_fit=false", "--trainer.enable_progress_bar=false",
                 f"--trainer.logger.init_args.save_dir={self.out / 'tuning'}",
@@ -195,7 +191,7 @@ class Tuner:
             cmd = self.command(experiment, trial.number, values)
             trial.set_user_attr("command", " ".join(cmd))
             trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
-            seconds, code = self.runner._execute(cmd, run_dir.parent / f"trial{trial.number}.log")
+            seconds, code = self.runner.execute(cmd, run_dir.parent / f"trial{trial.number}.log")
             summary_path = run_dir / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
             value = summary.get("metrics", {}).get(self.tuning.metric)
