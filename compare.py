@@ -6,6 +6,7 @@
     python compare.py report configs/suites/quick.yaml [--readme README.md]   # re-write the report only
     python compare.py table runs/ [--csv out.csv]                        # tabulate any directory of runs
     python compare.py tune tune_wine [--trials 12] [--only baseline]      # equal-budget Optuna studies, then their best
+    python compare.py tune tune_fashion_mnist --retrain   # ... then recipe, best and knee x seeds: fronts, tuned.md
 
 Every run is ``python train.py fit --config ...`` (the same LightningCLI, in a child process), so a suite run is
 reproducible by hand from the command at the top of its log. ``results/<suite>/`` receives ``results.csv`` (one
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--only", nargs="+", metavar="LABEL", help="tune only these experiments")
     tune.add_argument("--storage", help="an Optuna RDB URL shared by several machines (default: results/<suite>/tuning.db)")
     tune.add_argument("--grace", type=int, default=120, help="seconds without a heartbeat after which a running trial is dead")
+    tune.add_argument("--retrain", action="store_true",
+                      help="then retrain each experiment's recipe, best and knee trial with the suite's seeds and test them")
     tune.add_argument("--results", type=Path, default=ROOT / "results", help="where results/<suite>/ lives")
     table = sub.add_parser("table", help="tabulate the summary.json files under a directory")
     table.add_argument("root", type=Path)
@@ -115,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     suite = load_suite(_suite_path(args.suite))
     if args.command == "tune":
-        from comparison.tune import tuner_of  # optuna is imported only to tune
+        from comparison import tuned  # optuna is imported only to tune
+        from comparison.tune import tuner_of
 
         tuner = tuner_of(suite, args.results, args.storage, args.grace, args.trials)
         tuner.run(args.only, args.timeout)
         print(tuner.report())
+        failed = tuned.Retrainer(tuner).run(args.only) if args.retrain else []
+        text = tuned.report(tuner)
+        if text is not None:
+            print(f"\n{text}\nwrote {tuner.out}/tuned.md, fronts.png, tuning/hparams/")
+        if failed:
+            print(f"failed runs: {', '.join(failed)} (their logs are in {tuner.out / 'tuned' / 'logs'})", file=sys.stderr)
+            return 1
         return 0
     if args.command == "report":
         report(suite, args.results, args.readme)

@@ -4,7 +4,7 @@ Trainer's default profiler (``NullProfiler``) and progress bar (``TimedProgressB
 from callbacks.checkpoint import BestAndLastCheckpoint
 from callbacks.collapse import CollapseBlocks, ProgressiveCollapse
 from callbacks.connectivity import ConnectivityImages
-from callbacks.deploy import DeployExport
+from callbacks.deploy import DeployedValidation, DeployExport
 from callbacks.predictions import PredictionsCSV
 from callbacks.profiler import NullProfiler
 from callbacks.progress import TimedProgressBar
@@ -13,5 +13,5 @@ from callbacks.sparsity import SparsityScheduler
 from callbacks.temperature import TemperatureAnnealing
 
 __all__ = ["BestAndLastCheckpoint", "TemperatureAnnealing", "SparsityScheduler", "ProgressivePruning", "ConnectivityImages",
-           "CollapseBlocks", "ProgressiveCollapse", "DeployExport", "NullProfiler", "PredictionsCSV",
+           "CollapseBlocks", "ProgressiveCollapse", "DeployExport", "DeployedValidation", "NullProfiler", "PredictionsCSV",
            "TimedProgressBar"]

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_modules.summary import save_summary
 from models import deploy
+from models.accounting import count_nonzero
 
 ONNX_TOLERANCE = 1e-4
 
@@ -76,8 +77,8 @@ class DeployExport(pl.Callback):
         if path.is_file():
             save_summary(path, {**json.loads(path.read_text()), "deploy": record})
 
-    def export(self, module: pl.LightningModule, log_dir: Path) -> dict[str, Any]:
-        built = module.record.take_tested_deployable()  # the one summary.json measured, if it was built
+    def export(self, module: pl.LightningModule, log_dir: Path, built: torch.nn.Module | None = None) -> dict[str, Any]:
+        built = built if built is not None else module.record.take_tested_deployable()  # the one summary.json measured
         model = copy.deepcopy(built if built is not None else module.deployed_model()).cpu().eval()
         example = pytree.tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, module.example_args()[0])
         batch = self._batch
@@ -107,3 +108,68 @@ class DeployExport(pl.Callback):
                               "initializer_bytes": deploy.initializer_bytes(path), **check,
                               "latency": deploy.onnx_latency(path, example)}
         return record
+
+
+class DeployedValidation(DeployExport):
+    """At the end of ``fit``: score the deployed model (the network as it ships, built by ``deployed_model()`` from
+    the final weights) on the whole validation split, and export it to ONNX on the first validation batch, checked
+    and timed as ``DeployExport`` does. ``summary.json`` gains ``deployed = {val_acc, val_rows, nonzero, onnx}``: the same
+    measures for every technique, without the test split (``compare.py tune`` adds it to every trial)."""
+
+    def __init__(self, check_rows: int = 64) -> None:
+        super().__init__(program=False, onnx=True, check_rows=check_rows)
+        self._tested: torch.nn.Module | None = None
+        self._right = self._rows = 0
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._batch is None and not trainer.sanity_checking:
+            self._batch = _cpu_rows(batch[0], self.check_rows)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_dir = trainer.log_dir
+
+    # a test after the fit also scores the deployed model of the tested checkpoint: ``deployed.test_acc`` (what
+    # ships, where a technique's own ``test/acc`` may average several networks, as NeuMeta's over widths does)
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tested = copy.deepcopy(pl_module.deployed_model()).eval()
+        self._right = self._rows = 0
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        with torch.no_grad():
+            self._right += int((self._tested(self._inputs(pl_module, batch[0])).argmax(-1) == batch[1]).sum())
+        self._rows += int(batch[1].shape[0])
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the module writes the test's ``summary.json`` (Lightning calls callbacks first)."""
+        counts = trainer.strategy.reduce(torch.tensor([self._right, self._rows], dtype=torch.float64), reduce_op="sum")
+        section = pl_module.record.sections.setdefault("deployed", {})
+        section.update(test_acc=float(counts[0] / counts[1].clamp(min=1)), test_rows=int(counts[1]))
+        self._tested = None
+
+    @staticmethod
+    def _inputs(pl_module: pl.LightningModule, inputs: Any) -> Any:
+        example = pl_module.example_args()[0]
+        if isinstance(inputs, dict) and isinstance(example, dict):  # the model's inputs, not a row uid
+            return {k: inputs[k] for k in example}
+        return inputs
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After the module wrote the fit's ``summary.json`` (its ``on_fit_end``)."""
+        if stage != "fit" or trainer.global_rank != 0 or self._log_dir is None or self._batch is None:
+            return
+        log_dir, self._log_dir = Path(self._log_dir), None
+        model = copy.deepcopy(pl_module.deployed_model()).cpu().eval()
+        with torch.inference_mode(False):
+            record = self.export(pl_module, log_dir, model)
+        right = rows = 0
+        with torch.no_grad():
+            for batch in trainer.datamodule.val_dataloader():
+                right += int((model(self._inputs(pl_module, _cpu_rows(batch[0], None))).argmax(-1) == batch[1].cpu()).sum())
+                rows += int(batch[1].shape[0])
+        section = {"val_acc": right / max(rows, 1), "val_rows": rows, "nonzero": count_nonzero(model), "onnx": record["onnx"]}
+        pl_module.record.sections["deployed"] = section  # a test after this fit keeps it in its summary, adding test_acc
+        path = log_dir / "summary.json"
+        if path.is_file():
+            save_summary(path, {**json.loads(path.read_text()), "deployed": section})

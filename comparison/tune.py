@@ -5,8 +5,10 @@ A suite opts in with a ``tuning`` block and a ``search`` space per experiment::
     tuning:
       trials: 12                               # complete (or pruned) trials per experiment: the same for all
       overrides: {trainer.max_epochs: 3}       # the per-trial budget, the same for all (on top of the suite's)
-      metric: val/acc_best                     # from the trial's summary.json; validation only, never test
-      pruning: true                            # median pruner on val/acc after each epoch (single objective)
+      metric: deployed/val_acc                 # maximised, from the trial's summary.json; validation only, never test
+      against: [latency, nonzero]              # minimised too: a multi-objective study (optional; then no pruning)
+      reference: {accuracy: 0.8, latency: 3.0, nonzero: 700000}   # the hypervolumes' common reference (optional)
+      pruning: false                           # median pruner on val/acc after each epoch (single objective only)
     experiments:
       - label: lora
         config: configs/fashion_mnist/lora.yaml
@@ -22,6 +24,10 @@ database server): a killed ``tune`` continues when started again, a trial whose 
 share the studies: Optuna counts the finished trials in the database (``MaxTrialsCallback``), so none is counted
 twice. Trial ``k`` of experiment ``e`` runs in ``results/<suite>/tuning/<e>/trial<k>/`` with its log beside it,
 headed by its command: ``python train.py fit ... --test_after_fit=false`` plus the sampled overrides.
+
+Every trial ends with ``callbacks.DeployedValidation``: the deployed model's validation accuracy, its ONNX Runtime
+latency and its nonzero parameters are the same measures for every technique (``MEASURES``), kept with the trial
+whatever the study optimises, so the report (``comparison/tuned.py``) can draw each technique's Pareto fronts.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,13 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 KINDS = ("log", "float", "int", "choice")
-TUNING_KEYS = {"trials", "overrides", "metric", "pruning"}
+TUNING_KEYS = {"trials", "overrides", "metric", "against", "reference", "pruning"}
+# what a trial's summary.json says about the deployed model: minimised in a multi-objective study
+COSTS = {
+    "latency": ("ORT ms at batch 256", lambda s: s["deployed"]["onnx"]["latency"]["ms"]["256"]),
+    "nonzero": ("nonzero parameters", lambda s: s.get("deployed", {}).get("nonzero", s["params"]["nonzero"])),
+    "flops": ("FLOPs per sample", lambda s: s["flops_per_sample"]),
+}
 MAX_FAILURES = 3  # failed trials of one experiment in one tune process before it gives up on that experiment
 SEED = 0  # the sampler's and every trial's seed: the studies differ in their search spaces only
 
@@ -61,6 +73,27 @@ class Tuning:
     overrides: dict[str, Any]
     metric: str = "val/acc_best"
     pruning: bool = True
+    against: list[str] = field(default_factory=list)
+    reference: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def objectives(self) -> list[str]:
+        return [self.metric, *self.against]
+
+
+def measure(summary: dict[str, Any], name: str) -> float | None:
+    """One objective's value from a trial's ``summary.json``: a cost of ``COSTS``, ``deployed/val_acc`` (the deployed
+    model's validation accuracy) or a logged metric; None when the run did not measure it."""
+    try:
+        if name in COSTS:
+            value = COSTS[name][1](summary)
+        elif name.startswith("deployed/"):
+            value = summary["deployed"][name.split("/", 1)[1]]
+        else:
+            value = summary["metrics"][name]
+    except (KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def parse_tuning(block: Any, where: str) -> Tuning:
@@ -74,10 +107,22 @@ def parse_tuning(block: Any, where: str) -> Tuning:
     if not isinstance(overrides, dict):
         raise SystemExit(f"{where}: tuning.overrides must be a mapping of dotted argument names, got {overrides!r}.")
     metric = block.get("metric", "val/acc_best")
-    if not isinstance(metric, str) or not metric.startswith("val/"):
-        raise SystemExit(f"{where}: tuning.metric must be a validation metric (val/...), got {metric!r}; "
-                         "tuning on test would leak the test split into the choice.")
-    return Tuning(trials, overrides, metric, bool(block.get("pruning", True)))
+    if not isinstance(metric, str) or not (metric.startswith("val/") or metric == "deployed/val_acc"):
+        raise SystemExit(f"{where}: tuning.metric must be a validation metric (val/... or deployed/val_acc), got "
+                         f"{metric!r}; tuning on test would leak the test split into the choice.")
+    against = block.get("against") or []
+    if not isinstance(against, list) or not set(against) <= set(COSTS) or len(set(against)) != len(against):
+        raise SystemExit(f"{where}: tuning.against must be a list of distinct costs from {sorted(COSTS)}, got {against!r}.")
+    pruning = bool(block.get("pruning", not against))
+    if against and pruning:
+        raise SystemExit(f"{where}: tuning.pruning cannot be true with tuning.against: Optuna prunes single-objective "
+                         "studies only (a multi-objective trial cannot report intermediate values); set pruning: false.")
+    reference = block.get("reference") or {}
+    names = {"accuracy", *against}
+    if not isinstance(reference, dict) or not set(reference) <= names or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in reference.values()):
+        raise SystemExit(f"{where}: tuning.reference must map some of {sorted(names)} to numbers, got {reference!r}.")
+    return Tuning(trials, overrides, metric, pruning, list(against), {k: float(v) for k, v in reference.items()})
 
 
 def parse_search(space: Any, where: str) -> dict[str, tuple[str, list]]:
@@ -163,8 +208,9 @@ class Tuner:
 
     def study(self, experiment: Experiment, storage: RDBStorage | None = None) -> optuna.Study:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if self.tuning.pruning else optuna.pruners.NopPruner()
+        directions = ["maximize"] + ["minimize"] * len(self.tuning.against)
         return optuna.create_study(storage=storage or self.storage(), study_name=f"{self.suite.name}/{experiment.label}",
-                                   direction="maximize", sampler=optuna.samplers.TPESampler(seed=SEED), pruner=pruner,
+                                   directions=directions, sampler=optuna.samplers.TPESampler(seed=SEED), pruner=pruner,
                                    load_if_exists=True)
 
     def trial_dir(self, experiment: Experiment, number: int) -> Path:
@@ -176,7 +222,8 @@ class Tuner:
         run_dir = self.trial_dir(experiment, number)
         cmd += [f"--seed_everything={SEED}", "--test_after_fit=false", "--trainer.enable_progress_bar=false",
                 f"--trainer.logger.init_args.save_dir={self.out / 'tuning'}",
-                f"--trainer.logger.init_args.name={experiment.label}", f"--trainer.logger.init_args.version={run_dir.name}"]
+                f"--trainer.logger.init_args.name={experiment.label}", f"--trainer.logger.init_args.version={run_dir.name}",
+                "--trainer.callbacks+=callbacks.DeployedValidation"]
         if self.tuning.pruning:
             cmd += ["--trainer.callbacks+=comparison.tune.StudyPruning", f"--trainer.callbacks.storage={self.url}",
                     f"--trainer.callbacks.study={self.suite.name}/{experiment.label}", f"--trainer.callbacks.trial={number}"]
@@ -185,7 +232,7 @@ class Tuner:
     def objective(self, experiment: Experiment):
         failures = []
 
-        def run_trial(trial: optuna.Trial) -> float:
+        def run_trial(trial: optuna.Trial) -> float | list[float]:
             values = suggest(trial, self.spaces[experiment.label])
             run_dir = self.trial_dir(experiment, trial.number)
             cmd = self.command(experiment, trial.number, values)
@@ -194,19 +241,23 @@ class Tuner:
             seconds, code = self.runner.execute(cmd, run_dir.parent / f"trial{trial.number}.log")
             summary_path = run_dir / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-            value = summary.get("metrics", {}).get(self.tuning.metric)
+            measures = {name: measure(summary, name) for name in ("deployed/val_acc", *COSTS, self.tuning.metric)}
+            values_out = [measures[name] for name in self.tuning.objectives]
+            value = values_out[0]
             trial.set_user_attr("seconds", round(seconds, 1))
+            trial.set_user_attr("measures", measures)
             if (run_dir / "pruned.json").is_file():
                 print(f"      trial {trial.number}: pruned after {seconds:.0f} s", flush=True)
                 raise optuna.TrialPruned()
-            if code != 0 or value is None or not math.isfinite(value):
+            if code != 0 or any(v is None for v in values_out):
                 failures.append(trial.number)
                 if len(failures) >= MAX_FAILURES:
                     trial.study.stop()  # a broken experiment must not loop: its failed trials are not counted
                 raise RuntimeError(f"trial {trial.number} of {experiment.label} failed (exit {code}); its log: "
                                    f"{run_dir.parent / f'trial{trial.number}.log'}")
-            print(f"      trial {trial.number}: {self.tuning.metric} {value:.4f} in {seconds:.0f} s  {values}", flush=True)
-            return float(value)
+            costs = "".join(f", {name} {v:.4g}" for name, v in zip(self.tuning.against, values_out[1:]))
+            print(f"      trial {trial.number}: {self.tuning.metric} {value:.4f}{costs} in {seconds:.0f} s  {values}", flush=True)
+            return value if not self.tuning.against else values_out
 
         return run_trial
 
@@ -238,10 +289,10 @@ class Tuner:
             if not complete:
                 lines.append(f"| {experiment.label} | {counts} | - | - | - | {seconds:.0f} |")
                 continue
-            best = max(complete, key=lambda t: t.value)
+            best = max(complete, key=lambda t: t.values[0])
             values = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                                for k, v in best.params.items())
-            lines.append(f"| {experiment.label} | {counts} | {best.value:.4f} | {best.number} | {values} | {seconds:.0f} |")
+            lines.append(f"| {experiment.label} | {counts} | {best.values[0]:.4f} | {best.number} | {values} | {seconds:.0f} |")
         table = "\n".join(lines)
         (self.out / "tuning.md").write_text(f"Suite `{self.suite.name}`: {self.tuning.trials} trials per experiment, "
                                             f"budget {self.tuning.overrides}, chosen on {self.tuning.metric}.\n\n{table}\n")

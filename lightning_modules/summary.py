@@ -41,6 +41,7 @@ class RunRecord:
         self.metrics: dict[str, float] = {}
         self._epoch_start: float | None = None
         self.tested_deployable: nn.Module | None = None  # the test summary's deployed model, for callbacks.DeployExport
+        self.sections: dict[str, Any] = {}  # summary sections a callback measured (DeployedValidation's ``deployed``)
 
     def take_tested_deployable(self) -> nn.Module | None:
         """The deployed model the last test summary measured (once: a later test builds its own), or None."""
@@ -135,6 +136,7 @@ def write_summary(module: ClassificationModule, stage: str) -> Path | None:
         "checkpoint": getattr(trainer, "ckpt_path", None),
         **({"latency": latency(module, deployed)} if stage == "test" else {}),
         **module.summary_extras(deployed),
+        **record.sections,
     }
     return save_summary(Path(log_dir) / "summary.json", summary)
 

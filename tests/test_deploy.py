@@ -201,3 +201,28 @@ def test_a_token_model_takes_any_sentence_length(tmp_path):
             assert torch.allclose(loaded(x), model(x), atol=1e-6, rtol=0)
         check = deploy.check_onnx(onnx_path, model, x)
         assert check["max_abs_diff"] <= 1e-5 and check["argmax_agree"]
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist/baseline", pytest.param("fashion_mnist/neumeta_head", marks=pytest.mark.slow)])
+def test_deployed_validation_scores_the_network_that_ships(name, tmp_path):
+    """callbacks.DeployedValidation (every tuning trial's measure): the deployed model's accuracy on the whole
+    validation split at fit end, its nonzero parameters and ORT latency, and on the test batches after the test.
+    Baseline: the deployed model is the module, so the test accuracy is its test/acc; NeuMeta: the generated
+    network at deploy_width, so it is test/acc@h=<that width> (its test/acc averages the trained widths)."""
+    config = f"configs/{name}.yaml"
+    width = ["--model.init_args.deploy_width=12", "--model.init_args.test_widths=[12, 16]"] if "neumeta" in name else []
+    cli = run_cli("fit", *smoke_args(config, classes(config), tmp_path), *width,
+                  "--trainer.callbacks+=callbacks.DeployedValidation", "--test_ckpt=last")
+    record = summary(Path(cli.trainer.log_dir))
+    deployed = record["deployed"]
+    model, right, rows = cli.model.deployed_model().eval(), 0, 0
+    with torch.no_grad():
+        for x, y in cli.datamodule.val_dataloader():
+            right, rows = right + int((model(x).argmax(-1) == y).sum()), rows + len(y)
+    assert deployed["val_rows"] == rows == len(cli.datamodule.val_dataloader().dataset)
+    assert record["checkpoint"].endswith("last.ckpt")  # the tested weights are the fit end's
+    assert deployed["val_acc"] == pytest.approx(right / rows)
+    key = "test/acc@h=12" if "neumeta" in name else "test/acc"
+    assert deployed["test_acc"] == pytest.approx(record["metrics"][key], abs=1e-6)
+    assert deployed["nonzero"] == record["params"]["nonzero"]
+    assert deployed["onnx"]["argmax_agree"] and set(deployed["onnx"]["latency"]["ms"]) == {"1", "256"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,17 +16,18 @@ import yaml
 from optuna.trial import TrialState
 
 from comparison.suite import load_suite
-from comparison.tune import Tuner, parse_search, parse_tuning, tuner_of
+from comparison.tune import Tuner, measure, parse_search, parse_tuning, tuner_of
+from comparison.tuned import choose
 from conftest import ROOT
 
 BUDGET = {"trainer.max_epochs": 2, "trainer.enable_model_summary": False}
 
 
-def write_suite(tmp_path: Path, trials: int, pruning: bool = False) -> Path:
+def write_suite(tmp_path: Path, trials: int, pruning: bool = False, **tuning) -> Path:
     suite = {
         "description": "tuning test",
         "seeds": [0],
-        "tuning": {"trials": trials, "overrides": BUDGET, "metric": "val/acc_best", "pruning": pruning},
+        "tuning": {"trials": trials, "overrides": BUDGET, "metric": "val/acc_best", "pruning": pruning, **tuning},
         "experiments": [{"label": "baseline", "config": "configs/wine/baseline.yaml",
                          "search": {"model.init_args.optimizer.init_args.lr": {"log": [1e-4, 1e-1]}}}],
     }
@@ -43,6 +45,10 @@ def trials_of(results: Path) -> list[optuna.trial.FrozenTrial]:
     ({"trials": 0}, "positive integer"),
     ({"trials": 3, "metric": "test/acc"}, "validation metric"),
     ({"trials": 3, "budget": {}}, "keys"),
+    ({"trials": 3, "against": ["latency"], "pruning": True}, "prunes single-objective studies only"),
+    ({"trials": 3, "against": ["speed"]}, "distinct costs from"),
+    ({"trials": 3, "against": ["nonzero", "nonzero"]}, "distinct costs from"),
+    ({"trials": 3, "against": ["nonzero"], "reference": {"latency": 2.0}}, "tuning.reference must map"),
 ])
 def test_a_bad_tuning_block_is_refused_in_one_sentence(block, message):
     with pytest.raises(SystemExit, match=message):
@@ -60,6 +66,29 @@ def test_a_bad_tuning_block_is_refused_in_one_sentence(block, message):
 def test_a_bad_search_space_is_refused_in_one_sentence(space, message):
     with pytest.raises(SystemExit, match=message):
         parse_search(space, "suite.yaml")
+
+
+def test_multi_objective_defaults_to_no_pruning_and_reads_the_deployed_measures():
+    tuning = parse_tuning({"trials": 3, "metric": "deployed/val_acc", "against": ["latency", "nonzero"],
+                           "reference": {"accuracy": 0.8, "nonzero": 1000}}, "suite.yaml")
+    assert tuning.objectives == ["deployed/val_acc", "latency", "nonzero"] and tuning.pruning is False
+    assert parse_tuning({"trials": 3}, "suite.yaml").pruning is True  # single objective: the median pruner
+    summary = {"metrics": {"val/acc_best": 0.9}, "params": {"nonzero": 500}, "flops_per_sample": 64,
+               "deployed": {"val_acc": 0.85, "nonzero": 400, "onnx": {"latency": {"ms": {"1": 0.1, "256": 2.5}}}}}
+    assert [measure(summary, k) for k in ("deployed/val_acc", "latency", "nonzero", "flops", "val/acc_best")] == [0.85, 2.5, 400, 64, 0.9]
+    assert measure({"metrics": {}}, "latency") is None and measure({"metrics": {"val/acc": float("nan")}}, "val/acc") is None
+
+
+def test_the_best_and_the_knee_of_a_study():
+    def trial(number, acc, size):
+        return optuna.trial.create_trial(values=[acc, size], params={}, distributions={},
+                                         user_attrs={"measures": {"deployed/val_acc": acc, "nonzero": size}})
+    trials = [trial(i, acc, size) for i, (acc, size) in enumerate([(0.80, 10), (0.88, 20), (0.90, 100), (0.70, 50)])]
+    for i, t in enumerate(trials):
+        t.number = i
+    chosen = choose(trials, "deployed/val_acc", "nonzero")
+    assert chosen["best"].number == 2 and chosen["knee"].number == 1
+    assert set(choose(trials[2:3], "deployed/val_acc", "nonzero")) == {"best"}  # a one-point front: its knee is the best
 
 
 def test_a_suite_without_a_search_space_cannot_be_tuned(tmp_path):
@@ -81,7 +110,10 @@ def test_trials_are_train_py_runs_with_the_sampled_values_and_a_rerun_continues(
         assert config["trainer"]["max_epochs"] == 2 and config["test_after_fit"] is False
         log = (run_dir.parent / f"trial{trial.number}.log").read_text()
         assert log.splitlines()[0] == trial.user_attrs["command"] and "train.py fit" in log.splitlines()[0]
-        assert not (run_dir / "exported.onnx").exists()  # validation only: no test, no deployable
+        record = json.loads((run_dir / "summary.json").read_text())
+        assert not any(k.startswith("test/") for k in record["metrics"])  # validation only: no test
+        assert (run_dir / "exported.onnx").is_file() and record["deployed"]["onnx"]["argmax_agree"]  # what ships, measured
+        assert trial.user_attrs["measures"]["deployed/val_acc"] == record["deployed"]["val_acc"]
     assert first[0].params != first[1].params
     # a larger budget later: only the missing trial runs, the finished ones are not rerun or counted twice
     tuner_of(load_suite(write_suite(tmp_path, trials=3)), results).run()
@@ -135,3 +167,34 @@ def test_two_tune_processes_share_the_studies(tmp_path):
     assert len({t.number for t in trials}) == len(trials)
     hosts = {t.user_attrs["process"] for t in complete}
     assert len(hosts) == 2  # both processes ran trials of the one study
+
+
+@pytest.mark.slow
+def test_a_multi_objective_study_its_fronts_and_the_retrained_choices(tmp_path):
+    """compare.py tune --retrain on a 3-objective study: every trial measures its deployed model, the recipe, best
+    and knee are retrained and tested, and the report holds their figures, the fronts and the hparams table."""
+    results = tmp_path / "results"
+    suite = write_suite(tmp_path, trials=3, metric="deployed/val_acc", against=["latency", "nonzero"],
+                        reference={"accuracy": 0.3})
+    spec = yaml.safe_load(suite.read_text())
+    spec["experiments"][0]["search"]["model.init_args.net.init_args.hidden"] = {"choice": ["[8]", "[64, 64]"]}
+    suite.write_text(yaml.safe_dump(spec))
+    run = subprocess.run([sys.executable, str(ROOT / "compare.py"), "tune", str(suite), f"--results={results}", "--retrain"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    study = optuna.load_study(study_name="tune_test/baseline", storage=f"sqlite:///{results / 'tune_test' / 'tuning.db'}")
+    assert len(study.directions) == 3
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert all(t.values[0] == t.user_attrs["measures"]["deployed/val_acc"] for t in trials)
+    out = results / "tune_test"
+    retrained = sorted(p.parent.parent.name for p in (out / "tuned" / "baseline").glob("*/seed0/summary.json"))
+    assert "recipe" in retrained and len(retrained) >= 2
+    for name in retrained:
+        record = json.loads((out / "tuned" / "baseline" / name / "seed0" / "summary.json").read_text())
+        assert record["stage"] == "test" and 0 <= record["deployed"]["test_acc"] <= 1
+    text = (out / "tuned.md").read_text()
+    assert "| baseline | recipe | recipe | 1 |" in text and "hypervolume" in text
+    assert (out / "fronts.png").stat().st_size > 10_000
+    events = (out / "tuning" / "hparams" / "baseline").glob("trial*/events.out.tfevents.*")
+    assert {p.parent.name for p in events} == {f"trial{t.number}" for t in trials}  # one hparams row per trial
