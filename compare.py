@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--retrain", action="store_true",
                       help="then retrain each experiment's recipe, best and knee trial with the suite's seeds and test them")
     tune.add_argument("--results", type=Path, default=ROOT / "results", help="where results/<suite>/ lives")
+    tune.add_argument("--readme", type=Path, help="also replace the suite's block in this markdown file with tuned.md")
     table = sub.add_parser("table", help="tabulate the summary.json files under a directory")
     table.add_argument("root", type=Path)
     table.add_argument("--csv", type=Path, help="also write one row per run to this CSV file")
@@ -128,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         text = tuned.report(tuner)
         if text is not None:
             print(f"\n{text}\nwrote {tuner.out}/tuned.md, fronts.png, tuning/hparams/")
+        if args.readme is not None and text is not None:
+            image = (tuner.out / "fronts.png").resolve().relative_to(args.readme.resolve().parent)
+            if not splice_readme(args.readme, suite.name, text.replace("](fronts.png)", f"]({image.as_posix()})")):
+                raise SystemExit(f"{args.readme} has no <!-- suite:{suite.name}:begin --> ... <!-- suite:{suite.name}:end --> block.")
+            print(f"updated the {suite.name} block of {args.readme}")
         if failed:
             print(f"failed runs: {', '.join(failed)} (their logs are in {tuner.out / 'tuned' / 'logs'})", file=sys.stderr)
             return 1

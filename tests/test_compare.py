@@ -91,7 +91,9 @@ def test_every_suite_run_parses_with_its_overrides(suite_file, capsys):
         assert f"name: {experiment.label}" in printed and f"version: seed{suite.seeds[0]}" in printed
         for key, value in {**suite.overrides, **experiment.overrides}.items():
             leaf = key.split(".")[-1]
-            if not isinstance(value, (dict, list)):
+            if key.endswith("+"):  # an appended callback: its class is in the list
+                assert f"class_path: {value}" in printed, f"{suite_file}: {experiment.label}: {key} not applied"
+            elif not isinstance(value, (dict, list)):
                 assert f"{leaf}: {value}" in printed, f"{suite_file}: {experiment.label}: {key} not applied"
 
 
