@@ -147,6 +147,12 @@ def parse_search(space: Any, where: str) -> dict[str, tuple[str, list]]:
     return parsed
 
 
+def describe(params: dict[str, Any]) -> str:
+    """``{"model.init_args.lr": 0.00123, "x.r": 8}`` -> ``"lr=0.00123, r=8"`` (a report's "values" cell)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                     for k, v in params.items())
+
+
 def suggest(trial: optuna.Trial, space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     """One value per searched argument, drawn by the study's sampler."""
     values = {}
@@ -290,8 +296,7 @@ class Tuner:
                 lines.append(f"| {experiment.label} | {counts} | - | - | - | {seconds:.0f} |")
                 continue
             best = max(complete, key=lambda t: t.values[0])
-            values = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                               for k, v in best.params.items())
+            values = describe(best.params)
             lines.append(f"| {experiment.label} | {counts} | {best.values[0]:.4f} | {best.number} | {values} | {seconds:.0f} |")
         table = "\n".join(lines)
         (self.out / "tuning.md").write_text(f"Suite `{self.suite.name}`: {self.tuning.trials} trials per experiment, "

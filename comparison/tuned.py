@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from comparison.fronts import hypervolume, knee, pareto_front  # noqa: E402
 from comparison.suite import Experiment, fit_command, override_args  # noqa: E402
-from comparison.tune import COSTS, SEED, Tuner, measure  # noqa: E402
+from comparison.tune import COSTS, SEED, Tuner, describe, measure  # noqa: E402
 
 ACCURACY = "deployed/val_acc"  # the fronts' accuracy: the same measure for every technique
 
@@ -130,8 +130,7 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _params(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                     for k, v in values.items()) or "(the recipe)"
+    return describe(values) or "(the recipe)"
 
 
 def report(tuner: Tuner) -> str | None:
