@@ -120,6 +120,7 @@ class DeployedValidation(DeployExport):
         super().__init__(program=False, onnx=True, check_rows=check_rows)
         self._tested: torch.nn.Module | None = None
         self._right = self._rows = 0
+        self._keys: list[str] | None = None  # a token model's input keys (a batch also holds a row uid), else None
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -134,11 +135,12 @@ class DeployedValidation(DeployExport):
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._tested = copy.deepcopy(pl_module.deployed_model()).eval()
         self._right = self._rows = 0
+        self._keys = self._input_keys(pl_module)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         with torch.no_grad():
-            self._right += int((self._tested(self._inputs(pl_module, batch[0])).argmax(-1) == batch[1]).sum())
+            self._right += int((self._tested(self._inputs(batch[0])).argmax(-1) == batch[1]).sum())
         self._rows += int(batch[1].shape[0])
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -149,11 +151,13 @@ class DeployedValidation(DeployExport):
         self._tested = None
 
     @staticmethod
-    def _inputs(pl_module: pl.LightningModule, inputs: Any) -> Any:
+    def _input_keys(pl_module: pl.LightningModule) -> list[str] | None:
         example = pl_module.example_args()[0]
-        if isinstance(inputs, dict) and isinstance(example, dict):  # the model's inputs, not a row uid
-            return {k: inputs[k] for k in example}
-        return inputs
+        return list(example) if isinstance(example, dict) else None
+
+    def _inputs(self, inputs: Any) -> Any:
+        """The model's inputs of a batch's first element: a token batch's dict without its row uid."""
+        return {k: inputs[k] for k in self._keys} if isinstance(inputs, dict) and self._keys is not None else inputs
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """After the module wrote the fit's ``summary.json`` (its ``on_fit_end``)."""
@@ -164,9 +168,10 @@ class DeployedValidation(DeployExport):
         with torch.inference_mode(False):
             record = self.export(pl_module, log_dir, model)
         right = rows = 0
+        self._keys = self._input_keys(pl_module)
         with torch.no_grad():
             for batch in trainer.datamodule.val_dataloader():
-                right += int((model(self._inputs(pl_module, _cpu_rows(batch[0], None))).argmax(-1) == batch[1].cpu()).sum())
+                right += int((model(self._inputs(_cpu_rows(batch[0], None))).argmax(-1) == batch[1].cpu()).sum())
                 rows += int(batch[1].shape[0])
         section = {"val_acc": right / max(rows, 1), "val_rows": rows, "nonzero": count_nonzero(model), "onnx": record["onnx"]}
         pl_module.record.sections["deployed"] = section  # a test after this fit keeps it in its summary, adding test_acc

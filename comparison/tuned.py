@@ -67,9 +67,11 @@ class Retrainer:
         self.tuner = tuner
         self.out = tuner.out / "tuned"
 
-    def configurations(self, experiment: Experiment) -> dict[str, tuple[str, dict[str, Any]]]:
-        """``{run name: (what it is, overrides)}``: ``recipe`` and ``trial<k>`` for the best and the knee."""
-        chosen = choose(complete_trials(self.tuner, experiment), self.tuner.tuning.metric, self.size)
+    def configurations(self, experiment: Experiment, trials: list[FrozenTrial] | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``{run name: (what it is, overrides)}``: ``recipe`` and ``trial<k>`` for the best and the knee of
+        ``trials`` (default: the study's complete trials)."""
+        trials = complete_trials(self.tuner, experiment) if trials is None else trials
+        chosen = choose(trials, self.tuner.tuning.metric, self.size)
         configs = {"recipe": ("recipe", {})}
         for role, trial in chosen.items():
             name = f"trial{trial.number}"
@@ -163,7 +165,7 @@ def report(tuner: Tuner) -> str | None:
                 steps = front + [(front[-1][0], reference[cost])] if front[-1][1] < reference[cost] else front
                 ax.step([p[1] for p in steps], [100 * p[0] for p in steps], where="post", color=color, label=experiment.label)
         hv_lines.append(f"| {experiment.label} | {len(ts)} | " + " | ".join(cells) + " |")
-        for name, (what, values) in retrainer.configurations(experiment).items():
+        for name, (what, values) in retrainer.configurations(experiment, ts).items():
             summaries = [s for s in (retrainer.summary(experiment, name, seed) for seed in suite.seeds) if s is not None]
             if not summaries:
                 continue
