@@ -22,7 +22,8 @@ The studies live in ``results/<suite>/tuning.db`` (SQLite through Optuna's RDB s
 database server): a killed ``tune`` continues when started again, a trial whose process died (no heartbeat for
 ``grace`` seconds) is marked failed and retried once with the same parameters, and several ``tune`` processes can
 share the studies: Optuna counts the finished trials in the database (``MaxTrialsCallback``), so none is counted
-twice. Trial ``k`` of experiment ``e`` runs in ``results/<suite>/tuning/<e>/trial<k>/`` with its log beside it,
+twice. A new study's first trial is the recipe itself (its searched arguments at the experiment's own values, read
+from ``train.py --print_config``), so tuning never ends below the recipe on validation. Trial ``k`` of experiment ``e`` runs in ``results/<suite>/tuning/<e>/trial<k>/`` with its log beside it,
 headed by its command: ``python train.py fit ... --test_after_fit=false`` plus the sampled overrides.
 
 Every trial ends with ``callbacks.DeployedValidation``: the deployed model's validation accuracy, its ONNX Runtime
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,12 +46,13 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+import yaml
 from lightning.pytorch import Callback
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from comparison.suite import Experiment, Runner, Suite, fit_command, override_args
+from comparison.suite import ROOT, Experiment, Runner, Suite, fit_command, override_args
 
 # the heartbeat and its retry callback are marked experimental; Optuna's own per-trial INFO lines repeat ours
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -166,6 +169,45 @@ def suggest(trial: optuna.Trial, space: dict[str, tuple[str, list]]) -> dict[str
     return values
 
 
+def lookup(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    """``(found, value)`` of a dotted argument in a printed config, read as jsonargparse reads the key on the command
+    line: a list (``trainer.callbacks``) stands for its last element, and a class's arguments may skip ``init_args``."""
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, list) and node:
+            node = node[-1]
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(node.get("init_args"), dict) and part in node["init_args"]:
+            node = node["init_args"][part]
+        else:
+            return False, None
+    return True, node
+
+
+def recipe_point(config: dict[str, Any], space: dict[str, tuple[str, list]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The searched arguments' values in a resolved config, as the space's values (a choice as written in the suite):
+    ``(values, {argument: why it is left to the sampler})`` for a value the space cannot hold."""
+    values, left = {}, {}
+    for key, (kind, args) in space.items():
+        found, value = lookup(config, key)
+        if not found:
+            left[key] = "not in the experiment's config"
+        elif kind == "choice":
+            same = [c for c in args if (yaml.safe_load(c) if isinstance(c, str) else c) == value]
+            if same:
+                values[key] = same[0]
+            else:
+                left[key] = f"{value!r} is not among the choices"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+            left[key] = f"{value!r} is not a number of kind {kind}"
+        elif not args[0] <= value <= args[1]:
+            left[key] = f"{value!r} lies outside [{args[0]}, {args[1]}]"
+        else:
+            values[key] = value
+    return values, left
+
+
 class StudyPruning(PyTorchLightningPruningCallback):
     """optuna-integration's pruning callback inside a trial's own ``train.py`` process: it reopens the trial from
     the study's storage. A pruned trial stops training (``trainer.should_stop``) and writes ``pruned.json`` in the
@@ -235,6 +277,19 @@ class Tuner:
                     f"--trainer.callbacks.study={self.suite.name}/{experiment.label}", f"--trainer.callbacks.trial={number}"]
         return cmd
 
+    def start_from_recipe(self, study: optuna.Study, experiment: Experiment) -> None:
+        """Enqueue the recipe as a new study's first trial: the experiment's own values of the searched arguments at
+        the tuning budget, read from ``train.py fit ... --print_config`` (jsonargparse's own resolution)."""
+        cmd = fit_command(self.suite, experiment) + override_args(self.tuning.overrides) + ["--print_config"]
+        printed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if printed.returncode != 0:
+            raise SystemExit(f"{experiment.label}: {' '.join(cmd)} failed:\n{printed.stderr[-2000:]}")
+        values, left = recipe_point(yaml.safe_load(printed.stdout), self.spaces[experiment.label])
+        for key, why in left.items():
+            print(f"      the recipe's {key} is left to the sampler: {why}", flush=True)
+        if values:
+            study.enqueue_trial(values, user_attrs={"recipe": "partial" if left else "whole"}, skip_if_exists=True)
+
     def objective(self, experiment: Experiment):
         failures = []
 
@@ -262,7 +317,8 @@ class Tuner:
                 raise RuntimeError(f"trial {trial.number} of {experiment.label} failed (exit {code}); its log: "
                                    f"{run_dir.parent / f'trial{trial.number}.log'}")
             costs = "".join(f", {name} {v:.4g}" for name, v in zip(self.tuning.against, values_out[1:]))
-            print(f"      trial {trial.number}: {self.tuning.metric} {value:.4f}{costs} in {seconds:.0f} s  {values}", flush=True)
+            what = " (the recipe)" if trial.user_attrs.get("recipe") else ""
+            print(f"      trial {trial.number}{what}: {self.tuning.metric} {value:.4f}{costs} in {seconds:.0f} s  {values}", flush=True)
             return value if not self.tuning.against else values_out
 
         return run_trial
@@ -275,6 +331,8 @@ class Tuner:
             print(f"{study.study_name}: {done}/{self.tuning.trials} trials done", flush=True)
             if done >= self.tuning.trials:
                 continue
+            if not study.get_trials(deepcopy=False):
+                self.start_from_recipe(study, experiment)
             # stop when the database holds the budget in finished, running (another process's) or waiting (a retry)
             # trials: processes sharing a study stop together instead of each running the whole budget
             counted = optuna.study.MaxTrialsCallback(

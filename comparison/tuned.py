@@ -9,7 +9,8 @@ Runtime latency at batch 256, nonzero parameters). ``best`` is the trial with th
 knee of its (metric, size) front (``fronts.knee``; size: nonzero parameters when measured). A retrained run is the
 trial's own ``train.py fit`` command with another seed and the test at its end, in
 ``results/<suite>/tuned/<label>/<recipe|trial<k>>/seed<s>/``. The recipe is the experiment with the tuning budget
-and none of the searched values: the fixed recipe, at the same budget as the trials.
+and none of the searched values: the fixed recipe, at the same budget as the trials (also the study's first trial,
+so a best or knee that is the recipe is retrained once, as ``recipe``).
 
 Writes ``results/<suite>/tuned.md`` (hypervolumes and the retrained table), ``fronts.png`` (every technique's fronts
 and recipe points) and TensorBoard's hparams table of every trial (``tuning/hparams/``).
@@ -74,9 +75,10 @@ class Retrainer:
         chosen = choose(trials, self.tuner.tuning.metric, self.size)
         configs = {"recipe": ("recipe", {})}
         for role, trial in chosen.items():
-            name = f"trial{trial.number}"
+            # the study's first trial is the recipe itself when every searched value could be read from it
+            name = "recipe" if trial.user_attrs.get("recipe") == "whole" else f"trial{trial.number}"
             previous = configs.get(name, (None,))[0]
-            configs[name] = (f"{previous} + {role}" if previous else role, dict(trial.params))
+            configs[name] = (f"{previous} + {role}" if previous else role, configs.get(name, (None, dict(trial.params)))[1])
         return configs
 
     @property

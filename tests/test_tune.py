@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from comparison.suite import load_suite
-from comparison.tune import Tuner, measure, parse_search, parse_tuning, tuner_of
+from comparison.tune import Tuner, lookup, measure, parse_search, parse_tuning, recipe_point, tuner_of
 from comparison.tuned import choose
 from conftest import ROOT
 
@@ -97,6 +97,22 @@ def test_a_suite_without_a_search_space_cannot_be_tuned(tmp_path):
         tuner_of(suite, tmp_path)
 
 
+def test_the_recipe_point_is_read_as_jsonargparse_reads_a_dotted_key():
+    config = {"model": {"class_path": "M", "init_args": {"lr": 0.001, "hidden": [64, 64], "wd": 0.0}},
+              "trainer": {"callbacks": [{"class_path": "A", "init_args": {"target": 0.2}},
+                                        {"class_path": "B", "init_args": {"target": 0.7}}]}}
+    assert lookup(config, "model.init_args.lr") == (True, 0.001) and lookup(config, "model.lr") == (True, 0.001)
+    assert lookup(config, "trainer.callbacks.target") == (True, 0.7)  # the last callback, as on the command line
+    assert lookup(config, "model.init_args.rank") == (False, None)
+    space = parse_search({"model.init_args.lr": {"log": [1e-4, 1e-2]}, "model.init_args.hidden": {"choice": ["[32]", "[64, 64]"]},
+                          "trainer.callbacks.target": {"float": [0.5, 0.9]}, "model.init_args.wd": {"log": [1e-6, 1e-2]},
+                          "model.init_args.rank": {"int": [2, 8]}}, "test")
+    values, left = recipe_point(config, space)
+    assert values == {"model.init_args.lr": 0.001, "model.init_args.hidden": "[64, 64]", "trainer.callbacks.target": 0.7}
+    assert set(left) == {"model.init_args.wd", "model.init_args.rank"} and "outside" in left["model.init_args.wd"]
+    assert recipe_point(config, parse_search({"model.init_args.hidden": {"choice": ["[32]"]}}, "t"))[0] == {}
+
+
 @pytest.mark.slow
 def test_trials_are_train_py_runs_with_the_sampled_values_and_a_rerun_continues(tmp_path):
     results = tmp_path / "results"
@@ -115,6 +131,9 @@ def test_trials_are_train_py_runs_with_the_sampled_values_and_a_rerun_continues(
         assert (run_dir / "exported.onnx").is_file() and record["deployed"]["onnx"]["argmax_agree"]  # what ships, measured
         assert trial.user_attrs["measures"]["deployed/val_acc"] == record["deployed"]["val_acc"]
     assert first[0].params != first[1].params
+    # the first trial is the recipe: configs/wine/baseline.yaml's own learning rate (moons/baseline -> adamw_cosine)
+    lr = yaml.safe_load((ROOT / "configs/recipes/adamw_cosine.yaml").read_text())["model.init_args.optimizer"]["init_args"]["lr"]
+    assert first[0].user_attrs["recipe"] == "whole" and first[0].params == {"model.init_args.optimizer.init_args.lr": lr}
     # a larger budget later: only the missing trial runs, the finished ones are not rerun or counted twice
     tuner_of(load_suite(write_suite(tmp_path, trials=3)), results).run()
     again = trials_of(results)
