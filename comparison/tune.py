@@ -67,6 +67,7 @@ COSTS = {
     "flops": ("FLOPs per sample", lambda s: s["flops_per_sample"]),
 }
 MAX_FAILURES = 3  # failed trials of one experiment in one tune process before it gives up on that experiment
+DIVERGED = "the training loss became "  # then nan or inf: train.py's one-line error when a run diverges (lightning_modules/base.py)
 SEED = 0  # the sampler's and every trial's seed: the studies differ in their search spaces only
 
 
@@ -309,6 +310,13 @@ class Tuner:
             trial.set_user_attr("measures", measures)
             if (run_dir / "pruned.json").is_file():
                 print(f"      trial {trial.number}: pruned after {seconds:.0f} s", flush=True)
+                raise optuna.TrialPruned()
+            log = run_dir.parent / f"trial{trial.number}.log"
+            if code != 0 and DIVERGED in log.read_text(errors="replace")[-4000:]:
+                # a setting that diverges is an outcome of the search, not a broken experiment: it counts as a
+                # stopped trial (the budget counts it, the samplers learn from it) and not toward MAX_FAILURES
+                trial.set_user_attr("diverged", True)
+                print(f"      trial {trial.number}: diverged (loss nan or inf) after {seconds:.0f} s  {values}", flush=True)
                 raise optuna.TrialPruned()
             if code != 0 or any(v is None for v in values_out):
                 failures.append(trial.number)

@@ -217,3 +217,24 @@ def test_a_multi_objective_study_its_fronts_and_the_retrained_choices(tmp_path):
     assert (out / "fronts.png").stat().st_size > 10_000
     events = (out / "tuning" / "hparams" / "baseline").glob("trial*/events.out.tfevents.*")
     assert {p.parent.name for p in events} == {f"trial{t.number}" for t in trials}  # one hparams row per trial
+
+
+@pytest.mark.parametrize("error, state", [
+    ("train.py: error: the training loss became nan at or before global step 215 (epoch 10); lower the learning rate", TrialState.PRUNED),
+    ("Traceback ...\nValueError: something broke", TrialState.FAIL),
+])
+def test_a_diverged_trial_is_stopped_not_failed(tmp_path, error, state):
+    """A setting whose loss turns nan is an outcome of the search (counted, learnt from), a crash is a failure."""
+    tuner = tuner_of(load_suite(write_suite(tmp_path, trials=1)), tmp_path / "results")
+    experiment = tuner.suite.experiments[0]
+
+    def execute(cmd, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(" ".join(cmd) + "\n" + error + "\n")
+        return 0.1, 2
+
+    tuner.runner.execute = execute
+    study = tuner.study(experiment)
+    study.optimize(tuner.objective(experiment), n_trials=1, catch=(RuntimeError,))
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state == state and trial.user_attrs.get("diverged", False) == (state == TrialState.PRUNED)
