@@ -1,9 +1,11 @@
 """Print the accuracy-vs-width table (mean ± std over runs) of NeuMeta runs from their summary.json files.
 
     python tools/neumeta_table.py runs/nm/digits_head_s*/version_0 [--label faithful runs/nm/digits_faithful_s*/version_0]
+        [--plot results/neumeta/digits_head.png]
 
 Columns: the generated network (EMA INR, K-merged), structured L1 pruning without fine-tuning and the smoothed
-weights resampled without training, each as mean ± std in %; the pretrained width-N network is the last line.
+weights resampled without training, each as mean ± std in %; the pretrained width-N network is the last line,
+then the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the means (``plot_accuracy_vs_width``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from comparison.report import mean_std  # noqa: E402
+from lightning_modules.neumeta.plot import plot_accuracy_vs_width  # noqa: E402
 
 
 def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
@@ -35,7 +38,23 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     pretrained = [s["metrics"]["test/pretrained/acc"] for s in summaries]
     lines.append(f"| pretrained (h = {hi}) | {mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
+    means = mean_table(summaries)
+    below = [f"{r['width']} ({100 * (r['neumeta'] - r['resample']):+.2f})" for r in means
+             if r["resample"] is not None and r["neumeta"] < r["resample"]]
+    lines.append(f"\nWidths where NeuMeta's mean is below resampling's: {', '.join(below) if below else 'none'}.")
     return "\n".join(lines)
+
+
+def mean_table(summaries: list[dict]) -> list[dict]:
+    """The accuracy-vs-width rows with every method's mean over the runs (None where a method was not run)."""
+    rows = []
+    for i, row in enumerate(summaries[0]["neumeta"]["accuracy_vs_width"]):
+        mean = {"width": row["width"]}
+        for key in ("neumeta", "l1_prune", "resample"):
+            values = [s["neumeta"]["accuracy_vs_width"][i][key] for s in summaries]
+            mean[key] = None if any(v is None for v in values) else sum(values) / len(values)
+        rows.append(mean)
+    return rows
 
 
 def main() -> None:
@@ -43,8 +62,15 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (holding summary.json)")
     parser.add_argument("--label", nargs="+", action="append", default=[], metavar=("LABEL", "RUN"),
                         help="an extra NeuMeta column: its label, then its run directories")
+    parser.add_argument("--plot", type=Path, help="write the mean accuracy-vs-width figure here")
     args = parser.parse_args()
     print(table(args.runs, {label: [Path(p) for p in paths] for label, *paths in args.label}))
+    if args.plot:
+        summaries = [json.loads((run / "summary.json").read_text()) for run in args.runs]
+        info = summaries[0]["neumeta"]
+        pretrained = sum(s["metrics"]["test/pretrained/acc"] for s in summaries) / len(summaries)
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_accuracy_vs_width(mean_table(summaries), pretrained, info["full_width"], tuple(info["train_widths"]), args.plot)
 
 
 if __name__ == "__main__":

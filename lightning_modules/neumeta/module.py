@@ -23,6 +23,12 @@ weights resampled without training (``test/resample/acc@h=..``). ``val/acc`` and
 the evaluated widths inside the training range. The accuracy-vs-width table goes to summary.json, the plot to
 ``accuracy_vs_width.png`` and TensorBoard.
 
+Improvements on the paper (off in the faithful preset; issue 21): ``base: resampled`` makes the INR generate a
+correction to the smoothed pretrained weights resampled to h, Ŵ(h) = R_h(W) + INR(h), with the INR's output layers
+zero-initialised, so every width starts as the resample-only baseline (no warm start needed, no dead layer at the
+start) and CE at the trained widths only adds to it; R_h(W) is computed from the frozen smoothed target, so the
+stored model is the INR plus the N-wide generated tensors.
+
 Safeguards (§9.4, on by default): width-aware warm start, LR warm-up, dead-unit logging with a collapse check;
 ``configs/*/neumeta_faithful.yaml`` turns them off and restores the release's quirks.
 """
@@ -44,7 +50,7 @@ from lightning_modules.distributed import global_batch_cross_entropy
 from lightning_modules.neumeta.evaluation import Evaluation, dead_fraction, unit_activity, width_key
 from lightning_modules.neumeta.preparation import Preparation
 from models.neumeta_inr import NeuMetaINR
-from models.neumeta_smoothing import fold_batchnorm_
+from models.neumeta_smoothing import fold_batchnorm_, resample_to_width
 from models.neumeta_targets import NeuMetaTarget
 from seeding import global_seed, stream_seed
 
@@ -73,7 +79,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         faithful_routing, noise_sizes: the release's quirks (§3.6, §4.1.3); off by default.
         sigma: coordinate noise σ in training and in the K − 1 noisy evaluation samples.
         reg_weight, recon_weight, recon_every_step: the loss terms (§4.1.5, §9.4.5).
-        warm_start_steps, warm_start_lr: width-aware warm start (§9.4.1); 0 steps turns it off.
+        warm_start_steps, warm_start_lr: width-aware warm start (§9.4.1); 0 steps turns it off (so does
+            ``base: resampled``, which starts at R_h(W) exactly).
         warm_start_widths: ``[lo, hi]`` of the warm start's widths (default ``train_widths``). The targets are the
             smoothed weights resampled to h (no data), so a range reaching below the trained widths prepares the
             INR for widths CE training never sees.
@@ -82,6 +89,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         ema_decay: EMA of the INR weights used for evaluation; ``None`` evaluates the raw INR.
         val_samples, test_samples: K of the K-sample weight averaging at validation and test.
         deploy_width: width of the exported / predicting network (default N).
+        base: ``none`` (the paper: the INR is the weights) or ``resampled`` (the INR is a correction to R_h(W); the
+            stored model then holds the N-wide smoothed tensors too).
         optimizer: the INR's optimizer (the spec's AdamW, lr 2e-4, weight decay 1e-2).
     """
 
@@ -118,6 +127,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         val_samples: PositiveInt = 10,
         test_samples: PositiveInt = 10,
         deploy_width: int | None = None,
+        base: Literal["none", "resampled"] = "none",
         optimizer: OptimizerCallable = torch.optim.AdamW,
     ) -> None:
         super().__init__(net, input_shape, num_classes, optimizer, None)
@@ -135,6 +145,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         self.test_widths = sorted(set(test_widths if test_widths is not None else range(max(1, n // 4), n + 1, step)) | (
             set() if test_widths is not None else {n}))
         self.deploy_width = n if deploy_width is None else int(deploy_width)
+        self.base = base
         # the target (model.net) at width N is the largest network there is a template for
         checks = {
             "model.train_widths": (1 <= lo <= hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n} (the target's width), got {list(self.train_widths)}"),
@@ -159,6 +170,10 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         self.net.requires_grad_(False)  # frozen template: trained only by the pretraining loop (preparation.py)
         self.inr = NeuMetaINR(self.net.layout, norm=n, hidden=inr_hidden, layers=inr_layers, num_freqs=inr_freqs,
                               kind=inr_kind, faithful_routing=faithful_routing, noise_sizes=noise_sizes)
+        if base == "resampled":  # the correction starts at 0: every width starts as R_h(W)
+            for mlp in self.inr.mlps:
+                nn.init.zeros_(mlp.out.weight)
+                nn.init.zeros_(mlp.out.bias)
         self.ema = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.inr, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -172,6 +187,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         self.preparation: dict[str, Any] = {}
         self.width_table: list[dict[str, Any]] = []
         self._params_cache: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._resampled_cache: dict[int, dict[str, Tensor]] = {}
         self._alive: dict[int, dict[str, Tensor]] = {}
 
     def _accuracy(self) -> MulticlassAccuracy:
@@ -191,8 +207,21 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         if key not in self._params_cache:
             generator = torch.Generator(device=self.device).manual_seed(stream_seed(global_seed(), width))
             with torch.no_grad():
-                self._params_cache[key] = self.eval_inr.merge(width, samples, self.sigma, generator)
+                self._params_cache[key] = self.with_base(width, self.eval_inr.merge(width, samples, self.sigma, generator))
         return self._params_cache[key]
+
+    def resampled(self, width: int) -> dict[str, Tensor]:
+        """R_h(W): the smoothed pretrained tensors resampled to ``width`` (cached until the target changes)."""
+        if width not in self._resampled_cache:
+            self._resampled_cache[width] = resample_to_width(self.net, width)
+        return self._resampled_cache[width]
+
+    def with_base(self, width: int, generated: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The width-h weights from the INR's output: R_h(W) + output with ``base: resampled``, else the output."""
+        if self.base == "none":
+            return generated
+        base = self.resampled(width)
+        return {name: base[name] + value for name, value in generated.items()}
 
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """The smoothed pretrained values of the generated tensors at width N (the reconstruction targets)."""
@@ -214,8 +243,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
 
     def counted_parameters(self) -> list[nn.Parameter]:
         """What a NeuMeta model stores to produce every width: the INR (trainable) and the target's fixed,
-        non-generated part (frozen); the generated tensors are not counted."""
-        generated = set(self.net.layout.tensors(self.full_width))
+        non-generated part (frozen); the generated tensors are not counted, unless they are the INR's base."""
+        generated = set(self.net.layout.tensors(self.full_width)) if self.base == "none" else set()
         fixed = [p for name, p in self.net.named_parameters() if name not in generated]
         return [*self.inr.parameters(), *fixed]
 
@@ -231,14 +260,14 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         width = self.sample_width()
-        generated = self.inr(width, self.sigma)
+        generated = self.with_base(width, self.inr(width, self.sigma))
         with unit_activity(self.net, self.relu_producers) as alive:
             logits = self.run_at(generated, x)
         ce = global_batch_cross_entropy(logits, y)
         l2 = torch.stack([t.norm() for t in generated.values()]).sum()
         loss = ce + self.reg_weight * l2
         if width == self.full_width or self.recon_every_step:
-            at_full = generated if width == self.full_width else self.inr(self.full_width, self.sigma)
+            at_full = generated if width == self.full_width else self.with_base(self.full_width, self.inr(self.full_width, self.sigma))
             recon = weighted_recon(at_full, self.pretrained_tensors())
             loss = loss + self.recon_weight * recon
             self.log_epoch_mean("train/recon", recon)
@@ -284,6 +313,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         if self.net.has_batchnorm and not any(k.startswith("net.") and ".running_mean" in k for k in state):
             fold_batchnorm_(self.net)  # the checkpoint holds the folded target: match its keys
         self._params_cache.clear()
+        self._resampled_cache.clear()
 
     def summary_extras(self, deployed: nn.Module) -> dict[str, Any]:
         return {
@@ -291,6 +321,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
                 "full_width": self.full_width,
                 "train_widths": list(self.train_widths),
                 "deploy_width": self.deploy_width,
+                "base": self.base,
                 "inr_parameters": sum(p.numel() for p in self.inr.parameters()),
                 "preparation": self.preparation,
                 "pretrained_test_acc": getattr(self, "pretrained_test_acc", None),

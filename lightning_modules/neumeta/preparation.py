@@ -45,7 +45,9 @@ class Preparation:
         else:
             facts["tv_before"] = facts["tv_after"] = network_tv(self.net)
         self.net.requires_grad_(False)
-        if self.warm_start_steps:
+        self._resampled_cache.clear()  # the target is final now: R_h(W) is taken from it
+        # with base: resampled the zero-initialised INR already generates R_h(W) exactly: nothing to warm-start
+        if self.warm_start_steps and self.base == "none":
             targets: dict[int, dict[str, Tensor]] = {}
 
             def resampled(h: int) -> dict[str, Tensor]:
