@@ -220,11 +220,22 @@ def check_checkpoint(path: str) -> dict:
         ) from None
 
 
+def end_process_group() -> None:
+    """After a run under DDP: wait for every rank (rank 0 writes and checks the deployable alone), then destroy the
+    process group, as PyTorch asks of every process at the end of its main. Lightning leaves this to an ``atexit``
+    handler; a rank that reached interpreter shutdown first once died there with SIGABRT ('terminate called without
+    an active exception', CI, the two-process LruNet run), so it is done here while everything is alive."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def cli(args: list[str] | None = None) -> None:
     """The command line: ``main``, ending in one line and exit status 2 for a user error, 130 for Ctrl-C
     (``cli_errors``)."""
     try:
         main(args)
+        end_process_group()
     except USER_ERRORS as error:
         if os.environ.get("MORPHLAB_TRACEBACK"):
             raise
