@@ -65,7 +65,7 @@ def test_unit_activity_finds_dead_units():
 
 
 def test_digits_run_reports_every_width_baselines_plot_and_export(in_tmp):
-    cli = run_cli("fit", *SMALL, *quiet(in_tmp), "--deploy.program=true")
+    cli = run_cli("fit", *SMALL, "--model.init_args.test_widths=[16, 32, 48, 64, 80]", *quiet(in_tmp), "--deploy.program=true")
     run = Path(cli.trainer.log_dir)
     result = summary(run)
     metrics, info = result["metrics"], result["neumeta"]
@@ -76,7 +76,10 @@ def test_digits_run_reports_every_width_baselines_plot_and_export(in_tmp):
     assert metrics["test/acc"] == pytest.approx((metrics["test/acc@h=32"] + metrics["test/acc@h=48"] + metrics["test/acc@h=64"]) / 3)
     # at h = N the L1 "pruning" and the resampling keep the pretrained net itself
     assert metrics["test/l1_prune/acc@h=64"] == metrics["test/resample/acc@h=64"] == metrics["test/pretrained/acc"] > 0.8
-    assert [r["width"] for r in info["accuracy_vs_width"]] == [16, 32, 48, 64]
+    # above N (80 > 64): the INR is queried at C/N > 1 on the base interpolated up; pruning cannot widen
+    assert 0.5 < metrics["test/acc@h=80"] <= 1 and 0.5 < metrics["test/resample/acc@h=80"] <= 1
+    assert "test/l1_prune/acc@h=80" not in metrics and info["accuracy_vs_width"][-1]["l1_prune"] is None
+    assert [r["width"] for r in info["accuracy_vs_width"]] == [16, 32, 48, 64, 80]
     assert info["preparation"]["tv_after"] < info["preparation"]["tv_before"]
     assert result["params"]["trainable"] == info["inr_parameters"]
     generated_at_n = 64 * 64 + 64 + 64 * 10 + 10  # fc1 and fc2 at N: the base R_h(W) is resampled from them
@@ -157,6 +160,7 @@ def test_a_resampled_base_starts_every_width_at_the_resampled_weights_and_learns
 @pytest.mark.parametrize("override, field", [
     ({"train_widths": (40, 20)}, "model.train_widths"),
     ({"test_widths": [0, 8]}, "model.test_widths"),
+    ({"val_widths": []}, "model.val_widths"),
     ({"deploy_width": 17}, "model.deploy_width"),
     ({"pretrain_epochs": 0}, "model.pretrain_epochs"),
 ])

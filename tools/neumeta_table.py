@@ -4,8 +4,8 @@
         [--plot results/neumeta/digits_head.png]
 
 Columns: the generated network (EMA INR, K-merged), structured L1 pruning without fine-tuning and the smoothed
-weights resampled without training, each as mean ± std in %; the pretrained width-N network is the last line,
-then the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the means (``plot_accuracy_vs_width``).
+weights resampled without training, each as mean ± std in %; then the pretrained width-N network and the network
+with every generated tensor zeroed, and the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the means (``plot_accuracy_vs_width``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
     summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
     others = {label: [json.loads((r / "summary.json").read_text()) for r in paths] for label, paths in extra.items()}
     lo, hi = summaries[0]["neumeta"]["train_widths"]
+    full = summaries[0]["neumeta"]["full_width"]
     header = ["h", f"NeuMeta ({len(summaries)} runs)", *[f"{k} ({len(v)} runs)" for k, v in others.items()],
               "L1 pruning, no FT", "resampled, no training"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -31,13 +32,15 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
     for i, width in enumerate(widths):
         column = lambda group, key: [s["neumeta"]["accuracy_vs_width"][i][key] for s in group  # noqa: E731
                                      if s["neumeta"]["accuracy_vs_width"][i][key] is not None]
-        mark = "" if lo <= width <= hi else " (unseen)"
+        mark = "" if lo <= width <= hi else " (unseen, above N)" if width > full else " (unseen)"
         cells = [f"{width}{mark}", mean_std(column(summaries, "neumeta"), 100),
                  *[mean_std(column(group, "neumeta"), 100) for group in others.values()],
                  mean_std(column(summaries, "l1_prune"), 100), mean_std(column(summaries, "resample"), 100)]
         lines.append("| " + " | ".join(cells) + " |")
     pretrained = [s["metrics"]["test/pretrained/acc"] for s in summaries]
-    lines.append(f"| pretrained (h = {hi}) | {mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
+    lines.append(f"| pretrained (h = {full}) | {mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
+    zeroed = [s["metrics"]["test/zeroed/acc"] for s in summaries]  # the generated tensors all 0
+    lines.append(f"| generated part zeroed | {mean_std(zeroed, 100)} |" + " |" * (len(header) - 2))
     means = mean_table(summaries)
     below = [f"{r['width']} ({100 * (r['neumeta'] - r['resample']):+.2f})" for r in means
              if r["resample"] is not None and r["neumeta"] < r["resample"]]

@@ -119,11 +119,11 @@ class Evaluation:
         self._require_prepared("test")
         self._alive = {}
         n = self.full_width
-        narrow = [h for h in self.test_widths if h <= n]
+        narrow = [h for h in self.test_widths if h <= n]  # pruning only removes channels
         self._test_methods = {
             "neumeta": {h: self.generated_parameters(h, self.test_samples) for h in self.test_widths},
             "l1_prune": {h: l1_prune_to_width(self.net, h) for h in narrow},
-            "resample": {h: resample_to_width(self.net, h) for h in narrow},
+            "resample": {h: resample_to_width(self.net, h) for h in self.test_widths},  # interpolated up above N
             "pretrained": {n: {}},  # the template's own (smoothed pretrained) tensors
             # generated tensors all zero: for a residual target the identity path alone (the dead-block signature, §6.3)
             "zeroed": {n: {name: torch.zeros_like(t) for name, t in self.pretrained_tensors().items()}},

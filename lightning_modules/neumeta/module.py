@@ -72,6 +72,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         train_widths: ``[lo, hi]``, the widths sampled per step (default ``[N // 2, N]``).
         val_widths: widths validated each epoch (default N/4, N/2, 3N/4, N).
         test_widths: widths tested (default N/4 to N in steps of N/16; give ``[16, 17, ...]`` for every width).
+            Widths above N are allowed in validation and test: the INR is queried with sizes C/N > 1 and the
+            resample baseline (and base) interpolates the N pretrained channels up to h; L1 pruning only narrows.
         pretrained: a checkpoint of a Baseline run of the same target (``net.*`` keys) or a plain state dict;
             without it the target is trained here for ``pretrain_epochs`` (Adam ``pretrain_lr``, the data's batch).
         smooth: apply the SHP channel permutation before INR training (§2); off only for the ablation.
@@ -146,13 +148,12 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
             set() if test_widths is not None else {n}))
         self.deploy_width = n if deploy_width is None else int(deploy_width)
         self.base = base
-        # the target (model.net) at width N is the largest network there is a template for
+        # the target (model.net) at width N is the largest network trained (and deployed); wider ones are only tested
         checks = {
             "model.train_widths": (1 <= lo <= hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n} (the target's width), got {list(self.train_widths)}"),
-            "model.val_widths": (1 <= min(self.val_widths, default=0) and max(self.val_widths) <= n,
-                                 f"a non-empty list of widths in [1, {n}], got {val_widths}"),
-            "model.test_widths": (1 <= min(self.test_widths, default=0) and max(self.test_widths) <= n,
-                                  f"a non-empty list of widths in [1, {n}], got {test_widths}"),
+            # evaluation may go above N: the INR is queried at C/N > 1, the resampled base is interpolated up
+            "model.val_widths": (1 <= min(self.val_widths, default=0), f"a non-empty list of widths >= 1, got {val_widths}"),
+            "model.test_widths": (1 <= min(self.test_widths, default=0), f"a non-empty list of widths >= 1, got {test_widths}"),
             "model.warm_start_widths": (1 <= ws_lo <= ws_hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n}, got {warm_start_widths}"),
             "model.deploy_width": (1 <= self.deploy_width <= n, f"a width in [1, {n}], got {deploy_width}"),
         }
