@@ -50,7 +50,7 @@ def plain_epochs(cli: train.MorphLabCLI, epochs: int) -> list[float]:
     torch.manual_seed(0)
     net = cli.model.build_network(cli.model.net_factory)
     optimizer = cli.model.optimizer_factory(net.parameters())
-    (x_train, y_train), (x_val, y_val) = dm.splits["train"], dm.splits["val"]
+    x_train, y_train = dm.splits["train"]
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -62,12 +62,29 @@ def plain_epochs(cli: train.MorphLabCLI, epochs: int) -> list[float]:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        net.eval()
-        with torch.inference_mode():
-            for i in range(0, len(x_val), dm.eval_batch_size):
-                net(dm.batch_transform(x_val[i : i + dm.eval_batch_size], False)).argmax(-1).eq(y_val[i : i + dm.eval_batch_size]).sum()
+        plain_validation(cli, net)
         times.append(time.perf_counter() - start)
     return times
+
+
+def plain_validation(cli: train.MorphLabCLI, net: torch.nn.Module) -> None:
+    """The plain loop's validation pass: forward, argmax and the count of right answers, batch by batch."""
+    dm = cli.datamodule
+    x_val, y_val = dm.splits["val"]
+    net.eval()
+    with torch.inference_mode():
+        for i in range(0, len(x_val), dm.eval_batch_size):
+            net(dm.batch_transform(x_val[i : i + dm.eval_batch_size], False)).argmax(-1).eq(y_val[i : i + dm.eval_batch_size]).sum()
+
+
+def build_cli(config: str, epochs: int, save_dir: str, extra: list[str]) -> train.MorphLabCLI:
+    """What ``train.py fit --config CONFIG`` builds (not run), logging into ``save_dir``, its data set up."""
+    cli = train.main(
+        ["--config", config, f"--trainer.max_epochs={epochs}", f"--trainer.logger.init_args.save_dir={save_dir}", *extra],
+        run=False,
+    )
+    cli.datamodule.setup("fit")
+    return cli
 
 
 def main() -> None:
@@ -76,11 +93,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9, help="epoch pairs (plain, Lightning) to time (pair ratios vary by 0.1-0.3 on a shared VM)")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cli = train.main(
-            ["--config", args.config, f"--trainer.max_epochs={args.epochs}", f"--trainer.logger.init_args.save_dir={tmp}", *extra],
-            run=False,
-        )
-        cli.datamodule.setup("fit")
+        cli = build_cli(args.config, args.epochs, tmp, extra)
         plain_epochs(cli, 1)  # warm-up, not counted
         plain: list[float] = []
         timer = EpochTimer(before_each=lambda: plain.extend(plain_epochs(cli, 1)))

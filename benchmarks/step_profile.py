@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from overhead import build_cli, plain_validation  # noqa: E402  (benchmarks/overhead.py: the same model and data)
 
 SEGMENTS = ["fetch", "before forward", "forward", "loss and logging", "backward", "after backward", "optimizer step"]
 MARKS = ["batch_start", "forward_start", "forward_end", "backward_start", "backward_end", "step_start", "batch_end"]
@@ -91,7 +92,7 @@ class StepMarks(Callback):
 def plain_epoch(cli: train.MorphLabCLI, net: torch.nn.Module, optimizer, times: dict[str, list[float]]) -> None:
     """One epoch of the plain loop over the same tensors, marked at the same points."""
     dm = cli.datamodule
-    (x_train, y_train), (x_val, y_val) = dm.splits["train"], dm.splits["val"]
+    x_train, y_train = dm.splits["train"]
     net.train()
     order = torch.randperm(len(x_train))
     end = None
@@ -112,10 +113,7 @@ def plain_epoch(cli: train.MorphLabCLI, net: torch.nn.Module, optimizer, times: 
         for name, ms in segments(marks, end).items():
             times[name].append(ms)
         end = marks["batch_end"]
-    net.eval()
-    with torch.inference_mode():
-        for i in range(0, len(x_val), dm.eval_batch_size):
-            net(dm.batch_transform(x_val[i : i + dm.eval_batch_size], False)).argmax(-1).eq(y_val[i : i + dm.eval_batch_size]).sum()
+    plain_validation(cli, net)
 
 
 def main() -> None:
@@ -124,11 +122,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epoch pairs (plain, Lightning)")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cli = train.main(
-            ["--config", args.config, f"--trainer.max_epochs={args.epochs}", f"--trainer.logger.init_args.save_dir={tmp}", *extra],
-            run=False,
-        )
-        cli.datamodule.setup("fit")
+        cli = build_cli(args.config, args.epochs, tmp, extra)
         torch.manual_seed(0)
         net = cli.model.build_network(cli.model.net_factory)
         optimizer = cli.model.optimizer_factory(net.parameters())

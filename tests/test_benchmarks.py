@@ -1,6 +1,6 @@
 """The benchmark scripts compute what they print: ``morphonet_claim.py`` chooses on validation within the parameter
 budget, never on test; ``export_speed.py`` builds a config's dense network to time it against runs; ``ort_profile.py``
-splits ONNX Runtime's time by operator."""
+splits ONNX Runtime's time by operator; ``step_profile.py`` splits a training step into segments on both sides."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from export_speed import untrained_of  # noqa: E402
 from ort_profile import PRODUCTS, profile_all  # noqa: E402
 from morphonet_claim import choose, by_experiment, verdict_table  # noqa: E402
+from step_profile import MARKS, SEGMENTS, StepMarks, plain_epoch, segments  # noqa: E402
 
 
 def rows():
@@ -64,3 +65,32 @@ def test_the_ort_profile_splits_a_run_into_its_operators(tmp_path):
     assert "Gelu" in gelu["by_op"] and set(gelu["by_op"]) & PRODUCTS
     for result in (relu, gelu):  # node times are parts of the run's time
         assert 0 < sum(result["by_op"].values()) <= 1.1 * result["run_ms"]
+
+
+def test_a_step_is_split_into_segments_that_add_up_to_it():
+    marks = dict(zip(MARKS, [1.0, 1.5, 2.0, 3.0, 5.0, 5.5, 7.0]))
+    parts = segments(marks, previous_end=0.75)
+    assert list(parts) == SEGMENTS[1:] + ["fetch"]
+    assert parts["fetch"] == 250.0 and parts["backward"] == 2000.0
+    assert sum(parts.values()) == (7.0 - 0.75) * 1e3  # from the previous step's end to this one's
+    assert "fetch" not in segments(marks, previous_end=None)  # the first step of an epoch has no previous end
+
+
+def test_the_step_profile_marks_every_segment_of_a_real_fit_and_the_plain_loop(in_tmp):
+    from collections import defaultdict
+
+    from overhead import build_cli
+
+    cli = build_cli(str(ROOT / "configs/moons/baseline.yaml"), 2, str(in_tmp),
+                    ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    net = cli.model.build_network(cli.model.net_factory)
+    plain = defaultdict(list)
+    marks = StepMarks(before_each_epoch=lambda: plain_epoch(cli, net, cli.model.optimizer_factory(net.parameters()), plain))
+    cli.trainer.callbacks.append(marks)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps = cli.trainer.global_step
+    for side in (marks.times, plain):
+        assert set(side) == set(SEGMENTS)
+        assert all(len(side[name]) == steps for name in SEGMENTS if name != "fetch")
+        assert len(side["fetch"]) == steps - 2  # the first step of each of the 2 epochs has no previous end
+        assert all(t >= 0 for values in side.values() for t in values)
