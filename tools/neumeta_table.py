@@ -1,11 +1,13 @@
 """Print the accuracy-vs-width table (mean ± std over runs) of NeuMeta runs from their summary.json files.
 
     python tools/neumeta_table.py runs/nm/digits_head_s*/version_0 [--label faithful runs/nm/digits_faithful_s*/version_0]
-        [--plot results/neumeta/digits_head.png]
+        [--plot results/neumeta/digits_head.png] [--out results/neumeta/digits_head.md] [--readme README.md --block NAME]
 
 Columns: the generated network (EMA INR, K-merged), structured L1 pruning without fine-tuning and the smoothed
 weights resampled without training, each as mean ± std in %; then the pretrained width-N network and the network
-with every generated tensor zeroed, and the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the means (``plot_accuracy_vs_width``).
+with every generated tensor zeroed, and the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the
+means (``plot_accuracy_vs_width``), ``--out`` writes the table (and a link to the plot), ``--readme`` puts the same
+into the README between ``<!-- suite:BLOCK:begin -->`` and ``<!-- suite:BLOCK:end -->``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from comparison.report import mean_std  # noqa: E402
+from comparison.report import mean_std, splice_readme  # noqa: E402
 from lightning_modules.neumeta.plot import plot_accuracy_vs_width  # noqa: E402
 
 
@@ -66,8 +68,22 @@ def main() -> None:
     parser.add_argument("--label", nargs="+", action="append", default=[], metavar=("LABEL", "RUN"),
                         help="an extra NeuMeta column: its label, then its run directories")
     parser.add_argument("--plot", type=Path, help="write the mean accuracy-vs-width figure here")
+    parser.add_argument("--out", type=Path, help="write the table (and the plot's link) to this markdown file")
+    parser.add_argument("--readme", type=Path, help="also put the table into this markdown file's block --block")
+    parser.add_argument("--block", help="the README block's name: <!-- suite:NAME:begin --> ... <!-- suite:NAME:end -->")
     args = parser.parse_args()
-    print(table(args.runs, {label: [Path(p) for p in paths] for label, *paths in args.label}))
+    if args.readme is not None and not args.block:
+        parser.error("--readme needs --block NAME")
+    text = table(args.runs, {label: [Path(p) for p in paths] for label, *paths in args.label})
+    print(text)
+    if args.out is not None:
+        image = f"\n\n![accuracy vs width]({args.plot.resolve().relative_to(args.out.resolve().parent).as_posix()})" if args.plot else ""
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + image + "\n")
+    if args.readme is not None:
+        image = f"\n\n![accuracy vs width]({args.plot.resolve().relative_to(args.readme.resolve().parent).as_posix()})" if args.plot else ""
+        if not splice_readme(args.readme, args.block, text + image):
+            raise SystemExit(f"{args.readme} has no <!-- suite:{args.block}:begin --> ... <!-- suite:{args.block}:end --> block.")
     if args.plot:
         summaries = [json.loads((run / "summary.json").read_text()) for run in args.runs]
         info = summaries[0]["neumeta"]
