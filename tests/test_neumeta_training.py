@@ -104,6 +104,24 @@ def _inr_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(("inr.", "ema.", "net."))}
 
 
+def test_the_anchor_keeps_the_correction_small_at_untrained_widths(in_tmp):
+    """anchor_widths: at every step the generated weights at one untrained width are pulled towards R_h(W); with the
+    resampled base the INR's correction there is then smaller than without the anchor (same seed, same steps)."""
+    def correction_at(width: int, *extra: str) -> tuple[float, dict]:
+        cli = run_cli("fit", *SMALL, "--model.init_args.warm_start_steps=0", *extra, "--test_after_fit=false",
+                      *quiet(in_tmp, f"anchor{len(extra)}"))
+        module = cli.model
+        with torch.no_grad():
+            correction = module.inr(width)  # base resampled: the INR's output is the correction to R_h(W)
+            base = module.resampled(width)
+        return float(sum(c.pow(2).sum() / base[k].pow(2).sum() for k, c in correction.items())), cli.trainer.callback_metrics
+
+    free, _ = correction_at(12)
+    anchored, logged = correction_at(12, "--model.init_args.anchor_widths=[8, 16]", "--model.init_args.anchor_weight=10")
+    assert anchored < 0.5 * free, (anchored, free)
+    assert "train/anchor" in logged and float(logged["train/anchor"]) >= 0
+
+
 def test_interrupted_run_resumes_to_identical_inr_and_ema(in_tmp):
     full = run_cli("fit", *SMALL, "--test_after_fit=false", *quiet(in_tmp, "full"))
     stop = ["--trainer.callbacks+=conftest.StopAfter", "--trainer.callbacks.epochs=2"]
@@ -162,6 +180,7 @@ def test_a_resampled_base_starts_every_width_at_the_resampled_weights_and_learns
     ({"test_widths": [0, 8]}, "model.test_widths"),
     ({"val_widths": []}, "model.val_widths"),
     ({"deploy_width": 17}, "model.deploy_width"),
+    ({"anchor_widths": (8, 4)}, "model.anchor_widths"),
     ({"pretrain_epochs": 0}, "model.pretrain_epochs"),
 ])
 def test_settings_that_relate_fields_are_checked_by_the_constructor(override, field):

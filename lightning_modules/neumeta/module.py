@@ -29,6 +29,10 @@ zero-initialised, so every width starts as the resample-only baseline (no warm s
 start) and CE at the trained widths only adds to it; R_h(W) is computed from the frozen smoothed target, so the
 stored model is the INR plus the N-wide generated tensors.
 
+``anchor_widths`` (off by default) adds, at every step, the spec's warm-start regression (§9.4.1) at one untrained
+width: anchor_weight · relative MSE(Ŵ(h_a), R_{h_a}(W)), h_a ~ U{anchor_widths}; with the resampled base it keeps
+the correction near 0 where no data ever trained it, so such widths stay at (rather than below) resampling.
+
 Safeguards (§9.4, on by default): width-aware warm start, LR warm-up, dead-unit logging with a collapse check;
 ``configs/*/neumeta_faithful.yaml`` turns them off and restores the release's quirks.
 """
@@ -49,7 +53,7 @@ from lightning_modules.base import ClassificationModule, NetworkFactory
 from lightning_modules.distributed import global_batch_cross_entropy
 from lightning_modules.neumeta.evaluation import Evaluation, dead_fraction, unit_activity, width_key
 from lightning_modules.neumeta.preparation import Preparation
-from models.neumeta_inr import NeuMetaINR
+from models.neumeta_inr import NeuMetaINR, relative_mse
 from models.neumeta_smoothing import fold_batchnorm_, resample_to_width
 from models.neumeta_targets import NeuMetaTarget
 from seeding import global_seed, stream_seed
@@ -93,6 +97,9 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         deploy_width: width of the exported / predicting network (default N).
         base: ``none`` (the paper: the INR is the weights) or ``resampled`` (the INR is a correction to R_h(W); the
             stored model then holds the N-wide smoothed tensors too).
+        anchor_widths, anchor_weight: ``[lo, hi]`` of untrained widths where, at every step, the generated weights
+            are pulled towards R_h(W) (data-free: anchor_weight · relative MSE at one width h ~ U{lo..hi}); with
+            ``base: resampled`` this keeps the correction near 0 where no CE ever trained it. ``None``: off.
         optimizer: the INR's optimizer (the spec's AdamW, lr 2e-4, weight decay 1e-2).
     """
 
@@ -130,6 +137,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         test_samples: PositiveInt = 10,
         deploy_width: int | None = None,
         base: Literal["none", "resampled"] = "none",
+        anchor_widths: tuple[int, int] | None = None,
+        anchor_weight: NonNegativeFloat = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
     ) -> None:
         super().__init__(net, input_shape, num_classes, optimizer, None)
@@ -148,6 +157,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
             set() if test_widths is not None else {n}))
         self.deploy_width = n if deploy_width is None else int(deploy_width)
         self.base = base
+        self.anchor_widths = None if anchor_widths is None else (int(anchor_widths[0]), int(anchor_widths[1]))
+        self.anchor_weight = anchor_weight
         # the target (model.net) at width N is the largest network trained (and deployed); wider ones are only tested
         checks = {
             "model.train_widths": (1 <= lo <= hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n} (the target's width), got {list(self.train_widths)}"),
@@ -156,6 +167,8 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
             "model.test_widths": (1 <= min(self.test_widths, default=0), f"a non-empty list of widths >= 1, got {test_widths}"),
             "model.warm_start_widths": (1 <= ws_lo <= ws_hi <= n, f"[lo, hi] with 1 <= lo <= hi <= {n}, got {warm_start_widths}"),
             "model.deploy_width": (1 <= self.deploy_width <= n, f"a width in [1, {n}], got {deploy_width}"),
+            "model.anchor_widths": (anchor_widths is None or 1 <= anchor_widths[0] <= anchor_widths[1],
+                                    f"null or [lo, hi] with 1 <= lo <= hi, got {anchor_widths}"),
         }
         for field, (ok, allowed) in checks.items():
             if not ok:
@@ -253,9 +266,10 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
         return sum(p.numel() for p in deployed.parameters())
 
     # --- training -------------------------------------------------------------------------------------------
-    def sample_width(self) -> int:
-        """A training width, uniform over ``train_widths`` (global RNG: reseeded per epoch, same on every rank)."""
-        lo, hi = self.train_widths
+    def sample_width(self, widths: tuple[int, int] | None = None) -> int:
+        """A width uniform over ``widths`` (default ``train_widths``; global RNG: reseeded per epoch, same on every
+        rank)."""
+        lo, hi = self.train_widths if widths is None else widths
         return int(torch.randint(lo, hi + 1, (1,)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -272,6 +286,11 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
             recon = weighted_recon(at_full, self.pretrained_tensors())
             loss = loss + self.recon_weight * recon
             self.log_epoch_mean("train/recon", recon)
+        if self.anchor_widths is not None:
+            h = self.sample_width(self.anchor_widths)
+            anchor = relative_mse(self.with_base(h, self.inr(h, self.sigma)), self.resampled(h))
+            loss = loss + self.anchor_weight * anchor
+            self.log_epoch_mean("train/anchor", anchor)
         self.log_epoch_accuracy(logits, y)
         self.log_epoch_mean("train/loss", loss)
         self.log_epoch_mean("train/ce", ce)
@@ -323,6 +342,7 @@ class NeuMeta(Preparation, Evaluation, ClassificationModule):
                 "train_widths": list(self.train_widths),
                 "deploy_width": self.deploy_width,
                 "base": self.base,
+                "anchor_widths": None if self.anchor_widths is None else list(self.anchor_widths),
                 "inr_parameters": sum(p.numel() for p in self.inr.parameters()),
                 "preparation": self.preparation,
                 "pretrained_test_acc": getattr(self, "pretrained_test_acc", None),
