@@ -33,9 +33,9 @@ def test_the_table_marks_unseen_widths_lists_where_resampling_wins_and_fills_the
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     text = out.read_text()
-    assert "| 8 (unseen) | 65.00 ± 7.07 |" in text and "| 40 (unseen, above N) | 93.00 ± 0.00 |" in text
+    assert "| 8 (unseen) | 65.00 ± 7.07 |" in text and "| 50.00 ± 0.00 | 45.00 ± 7.07 | +20.00 ± 0.00 |" in text and "| 40 (unseen, above N) | 93.00 ± 0.00 |" in text
     assert "| 16 | 91.00 ± 1.41 |" in text  # trained width: no mark
-    assert "| 40 (unseen, above N) | 93.00 ± 0.00 | - | 93.00 ± 1.41 |" in text  # pruning cannot widen
+    assert "| 40 (unseen, above N) | 93.00 ± 0.00 | - | 93.00 ± 1.41 | +0.00 ± 1.41 |" in text  # pruning cannot widen
     assert "| pretrained (h = 32) | 95.00 ± 0.00 |" in text and "| generated part zeroed | 10.00 ± 0.00 |" in text
     assert "below resampling's: 32 (-1.00)." in text  # 40: 0.93 vs mean 0.93, not below
     assert text.rstrip().endswith("![accuracy vs width](t.png)") and (tmp_path / "results" / "t.png").stat().st_size > 1000

@@ -4,7 +4,8 @@
         [--plot results/neumeta/digits_head.png] [--out results/neumeta/digits_head.md] [--readme README.md --block NAME]
 
 Columns: the generated network (EMA INR, K-merged), structured L1 pruning without fine-tuning and the smoothed
-weights resampled without training, each as mean ± std in %; then the pretrained width-N network and the network
+weights resampled without training, each as mean ± std in %, and NeuMeta's lead over resampling within each run
+(paired: the same pretrained network), mean ± std in points; then the pretrained width-N network and the network
 with every generated tensor zeroed, and the widths where NeuMeta's mean is below resampling's. ``--plot`` draws the
 means (``plot_accuracy_vs_width``), ``--out`` writes the table (and a link to the plot), ``--readme`` puts the same
 into the README between ``<!-- suite:BLOCK:begin -->`` and ``<!-- suite:BLOCK:end -->``.
@@ -28,7 +29,7 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
     lo, hi = summaries[0]["neumeta"]["train_widths"]
     full = summaries[0]["neumeta"]["full_width"]
     header = ["h", f"NeuMeta ({len(summaries)} runs)", *[f"{k} ({len(v)} runs)" for k, v in others.items()],
-              "L1 pruning, no FT", "resampled, no training"]
+              "L1 pruning, no FT", "resampled, no training", "NeuMeta − resampled, same run (points)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     widths = [row["width"] for row in summaries[0]["neumeta"]["accuracy_vs_width"]]
     for i, width in enumerate(widths):
@@ -37,7 +38,8 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
         mark = "" if lo <= width <= hi else " (unseen, above N)" if width > full else " (unseen)"
         cells = [f"{width}{mark}", mean_std(column(summaries, "neumeta"), 100),
                  *[mean_std(column(group, "neumeta"), 100) for group in others.values()],
-                 mean_std(column(summaries, "l1_prune"), 100), mean_std(column(summaries, "resample"), 100)]
+                 mean_std(column(summaries, "l1_prune"), 100), mean_std(column(summaries, "resample"), 100),
+                 signed_mean_std(paired_differences(summaries, i))]
         lines.append("| " + " | ".join(cells) + " |")
     pretrained = [s["metrics"]["test/pretrained/acc"] for s in summaries]
     lines.append(f"| pretrained (h = {full}) | {mean_std(pretrained, 100)} |" + " |" * (len(header) - 2))
@@ -48,6 +50,23 @@ def table(runs: list[Path], extra: dict[str, list[Path]]) -> str:
              if r["resample"] is not None and r["neumeta"] < r["resample"]]
     lines.append(f"\nWidths where NeuMeta's mean is below resampling's: {', '.join(below) if below else 'none'}.")
     return "\n".join(lines)
+
+
+def paired_differences(summaries: list[dict], i: int) -> list[float]:
+    """NeuMeta's minus resampling's accuracy at row ``i``, in points, per run (the same pretrained net in both)."""
+    rows = [s["neumeta"]["accuracy_vs_width"][i] for s in summaries]
+    return [100 * (r["neumeta"] - r["resample"]) for r in rows if r["resample"] is not None]
+
+
+def signed_mean_std(values: list[float]) -> str:
+    """``+1.23 ± 0.45`` (sample std; none for one value), ``-`` for no values."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:+.2f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:+.2f} ± {std:.2f}"
 
 
 def mean_table(summaries: list[dict]) -> list[dict]:
