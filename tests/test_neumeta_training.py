@@ -110,13 +110,14 @@ def test_the_anchor_keeps_the_correction_small_at_untrained_widths(in_tmp):
     def correction_at(width: int, *extra: str) -> tuple[float, dict]:
         cli = run_cli("fit", *SMALL, "--model.init_args.warm_start_steps=0", *extra, "--test_after_fit=false",
                       *quiet(in_tmp, f"anchor{len(extra)}"))
+        assert cli.model.anchor_widths == (None if "null" in extra[0] else (8, 16))
         module = cli.model
         with torch.no_grad():
             correction = module.inr(width)  # base resampled: the INR's output is the correction to R_h(W)
             base = module.resampled(width)
         return float(sum(c.pow(2).sum() / base[k].pow(2).sum() for k, c in correction.items())), cli.trainer.callback_metrics
 
-    free, _ = correction_at(12)
+    free, _ = correction_at(12, "--model.init_args.anchor_widths=null")
     anchored, logged = correction_at(12, "--model.init_args.anchor_widths=[8, 16]", "--model.init_args.anchor_weight=10")
     assert anchored < 0.5 * free, (anchored, free)
     assert "train/anchor" in logged and float(logged["train/anchor"]) >= 0
