@@ -91,6 +91,7 @@ class ClassificationModule(LightningModule):
         # host sync (its NaN check). At the epoch's end each goes through a MeanMetric, which sums over processes.
         self.train_means = nn.ModuleDict()
         self._running: dict[str, tuple[Tensor, float]] = {}
+        self._last_epoch_means: set[str] = set()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
@@ -193,7 +194,14 @@ class ClassificationModule(LightningModule):
             metric.update(total / count, weight=count)
             self.log(key.replace("__", "/"), metric.compute(), prog_bar=key == "train__loss")
             metric.reset()
+        self._last_epoch_means = {key.replace("__", "/") for key in self._running}
         self._running.clear()
+
+    def stale_training_means(self) -> set[str]:
+        """Training means logged in an earlier epoch but not in the last one (a term computed only at some steps,
+        e.g. NeuMeta's full-width reconstruction). Lightning keeps their old value in ``callback_metrics``, a resumed
+        run never saw it: the summary leaves them out."""
+        return {key.replace("__", "/") for key in self.train_means} - self._last_epoch_means
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
         x, y = batch

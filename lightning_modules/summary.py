@@ -71,9 +71,9 @@ class RunRecord:
             self.train_seconds = float(state.get("train_seconds", 0.0))
             self.epochs_trained = int(state.get("epochs_trained", 0))
 
-    def collect(self, callback_metrics: dict[str, torch.Tensor]) -> None:
+    def collect(self, callback_metrics: dict[str, torch.Tensor], stale: set[str] = frozenset()) -> None:
         for key, value in callback_metrics.items():
-            if key.split("/")[0] in SUMMARY_PREFIXES and value.numel() == 1:
+            if key.split("/")[0] in SUMMARY_PREFIXES and value.numel() == 1 and key not in stale:
                 self.metrics[key] = float(value)
 
 
@@ -112,7 +112,7 @@ def log_accounting(module: ClassificationModule) -> None:
 def write_summary(module: ClassificationModule, stage: str) -> Path | None:
     """Write (or update) ``summary.json`` in the run's log directory; returns its path on rank 0."""
     trainer, record = module.trainer, module.record
-    record.collect(trainer.callback_metrics)
+    record.collect(trainer.callback_metrics, stale=module.stale_training_means())
     if stage == "fit":
         best = module.val_acc_best
         record.metrics["val/acc_best"] = float(best.compute()) if best.update_count else float("nan")

@@ -118,6 +118,7 @@ TECHNIQUES = {  # small multi-epoch runs of every technique (crash/resume and DD
                "--data.init_args.synthetic_size=128", "--data.init_args.batch_size=16", "--data.init_args.eval_batch_size=64",
                "--model.init_args.net.init_args.reuse=3", "--trainer.max_epochs=4"],
     "neumeta": ["--config", "configs/digits/neumeta_head.yaml", "--trainer.max_steps=-1", "--trainer.max_epochs=4",
+                "--trainer.check_val_every_n_epoch=1",
                 "--model.init_args.pretrain_epochs=2", "--model.init_args.warm_start_steps=20",
                 "--model.init_args.warmup_steps=5", "--model.init_args.inr_hidden=32", "--model.init_args.inr_freqs=4",
                 "--model.init_args.val_samples=2", "--model.init_args.test_samples=2",

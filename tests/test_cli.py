@@ -244,3 +244,25 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"does not fit this Baseline with net MLP .*other shapes"):
         wide.load_state_dict(small.state_dict())
     small.load_state_dict(Baseline(net=lambda s, c: MLP(s, c, hidden=[8]), input_shape=(2,), num_classes=2).state_dict())
+
+
+def test_a_training_mean_missing_from_the_last_epoch_is_left_out_of_the_summary():
+    """A term computed at some steps only (NeuMeta's full-width reconstruction) keeps its old value in Lightning's
+    callback_metrics, which a resumed run never saw: the summary reports the last epoch's means only."""
+    from lightning_modules.summary import RunRecord
+    from models import MLP
+
+    module = Baseline(net=lambda s, c: MLP(s, c, hidden=[8]), input_shape=(2,), num_classes=2)
+    logged = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    module.log_epoch_mean("train/loss", torch.tensor(1.0))
+    module.log_epoch_mean("train/recon", torch.tensor(3.0), weight=2.0)
+    module.log_epoch_mean("train/recon", torch.tensor(6.0))
+    module.on_train_epoch_end()
+    assert logged == {"train/loss": 1.0, "train/recon": 4.0} and module.stale_training_means() == set()
+    module.log_epoch_mean("train/loss", torch.tensor(2.0))
+    module.on_train_epoch_end()
+    assert module.stale_training_means() == {"train/recon"}
+    record = RunRecord()
+    record.collect({"train/loss": torch.tensor(2.0), "train/recon": torch.tensor(4.0)}, stale=module.stale_training_means())
+    assert record.metrics == {"train/loss": 2.0}

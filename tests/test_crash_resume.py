@@ -7,6 +7,7 @@ Slow (a child process per technique): ``make test-slow``.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -26,13 +27,15 @@ def checkpoint(run: Path) -> dict:
 
 
 def same(x, y) -> bool:
-    """Equal nested state: tensors bit for bit, everything else by ==."""
+    """Equal nested state: tensors bit for bit, NaN equal to NaN (a metric never measured), everything else by ==."""
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
     if isinstance(x, dict) and isinstance(y, dict):
         return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
     if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
         return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x):
+        return math.isnan(y)
     return x == y
 
 
@@ -64,5 +67,6 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(technique, i
     assert same(callback_states(a), callback_states(b)), (callback_states(a), callback_states(b))
     assert same(a.get("morphlab", {}).get("epochs_trained"), b.get("morphlab", {}).get("epochs_trained"))
     first, second = summary(Path(straight.trainer.log_dir)), summary(crashed)
-    assert first["metrics"] == second["metrics"] and first["params"] == second["params"]
+    assert same(first["metrics"], second["metrics"]), (first["metrics"], second["metrics"])
+    assert first["params"] == second["params"]
     assert first["epochs"] == second["epochs"]
