@@ -13,10 +13,12 @@ seconds per epoch of each and the median of the per-pair ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,20 +89,27 @@ def build_cli(config: str, epochs: int, save_dir: str, extra: list[str]) -> trai
     return cli
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@contextlib.contextmanager
+def cli_from_arguments(doc: str, epochs: int, epochs_help: str) -> Iterator[tuple[train.MorphLabCLI, str]]:
+    """(CLI, config) from the benchmark's command line (``--config``, ``--epochs``; the rest goes to train.py), the
+    CLI logging into a temporary directory removed afterwards."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", default="configs/fashion_mnist/baseline.yaml")
-    parser.add_argument("--epochs", type=int, default=9, help="epoch pairs (plain, Lightning) to time (pair ratios vary by 0.1-0.3 on a shared VM)")
+    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cli = build_cli(args.config, args.epochs, tmp, extra)
+        yield build_cli(args.config, args.epochs, tmp, extra), args.config
+
+
+def main() -> None:
+    with cli_from_arguments(__doc__, 9, "epoch pairs (plain, Lightning) to time (pair ratios vary by 0.1-0.3 on a shared VM)") as (cli, config):
         plain_epochs(cli, 1)  # warm-up, not counted
         plain: list[float] = []
         timer = EpochTimer(before_each=lambda: plain.extend(plain_epochs(cli, 1)))
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ratios = [lit / ref for lit, ref in zip(timer.seconds, plain)]
-    print(f"threads: {torch.get_num_threads()}  config: {args.config}")
+    print(f"threads: {torch.get_num_threads()}  config: {config}")
     print(f"plain PyTorch loop : {statistics.median(plain):.3f} s/epoch  (epochs: {', '.join(f'{t:.2f}' for t in plain)})")
     print(f"train.py machinery : {statistics.median(timer.seconds):.3f} s/epoch  (epochs: {', '.join(f'{t:.2f}' for t in timer.seconds)})")
     print(f"ratio (train.py / plain), median of {len(ratios)} pairs: {statistics.median(ratios):.3f}  (pairs: {', '.join(f'{r:.2f}' for r in ratios)})")

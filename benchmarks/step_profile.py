@@ -19,10 +19,8 @@ this shared machine hits both sides alike. Segments:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from overhead import build_cli, plain_validation  # noqa: E402  (benchmarks/overhead.py: the same model and data)
+from overhead import cli_from_arguments, plain_validation  # noqa: E402  (benchmarks/overhead.py: the same model and data)
 
 SEGMENTS = ["fetch", "before forward", "forward", "loss and logging", "backward", "after backward", "optimizer step"]
 MARKS = ["batch_start", "forward_start", "forward_end", "backward_start", "backward_end", "step_start", "batch_end"]
@@ -117,12 +115,7 @@ def plain_epoch(cli: train.MorphLabCLI, net: torch.nn.Module, optimizer, times: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/fashion_mnist/baseline.yaml")
-    parser.add_argument("--epochs", type=int, default=4, help="epoch pairs (plain, Lightning)")
-    args, extra = parser.parse_known_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cli = build_cli(args.config, args.epochs, tmp, extra)
+    with cli_from_arguments(__doc__, 4, "epoch pairs (plain, Lightning)") as (cli, config):
         torch.manual_seed(0)
         net = cli.model.build_network(cli.model.net_factory)
         optimizer = cli.model.optimizer_factory(net.parameters())
@@ -131,7 +124,7 @@ def main() -> None:
         marks = StepMarks(before_each_epoch=lambda: plain_epoch(cli, net, optimizer, plain))
         cli.trainer.callbacks.append(marks)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    print(f"threads: {torch.get_num_threads()}  config: {args.config}  steps: {len(marks.times['forward'])} per side")
+    print(f"threads: {torch.get_num_threads()}  config: {config}  steps: {len(marks.times['forward'])} per side")
     print(f"| segment (median ms per step) | train.py | plain loop | difference |")
     print("|---|--:|--:|--:|")
     total_lit = total_plain = 0.0
