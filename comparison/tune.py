@@ -40,6 +40,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,9 +366,18 @@ class Tuner:
             values = describe(best.params)
             lines.append(f"| {experiment.label} | {counts} | {best.values[0]:.4f} | {best.number} | {values} | {seconds:.0f} |")
         table = "\n".join(lines)
-        (self.out / "tuning.md").write_text(f"Suite `{self.suite.name}`: {self.tuning.trials} trials per experiment, "
-                                            f"budget {self.tuning.overrides}, chosen on {self.tuning.metric}.\n\n{table}\n")
+        text = (f"Suite `{self.suite.name}`: {self.tuning.trials} trials per experiment, budget {self.tuning.overrides}, "
+                f"chosen on {self.tuning.metric}.\n\n{table}\n")
+        replace_file(self.out / "tuning.md", lambda path: path.write_text(text))
         return table
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a file under a name of this process, then rename it to ``path`` (atomic: two tune processes that
+    report at once never interleave their bytes)."""
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    write(part)
+    os.replace(part, path)
 
 
 def tuner_of(suite: Suite, results: Path, storage: str | None = None, grace: int = 120, trials: int | None = None) -> Tuner:

@@ -19,6 +19,7 @@ and recipe points) and TensorBoard's hparams table of every trial (``tuning/hpar
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -33,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from comparison.fronts import hypervolume, knee, pareto_front  # noqa: E402
 from comparison.suite import Experiment, fit_command, override_args  # noqa: E402
-from comparison.tune import COSTS, SEED, Tuner, describe, measure  # noqa: E402
+from comparison.tune import COSTS, SEED, Tuner, describe, measure, replace_file  # noqa: E402
 
 ACCURACY = "deployed/val_acc"  # the fronts' accuracy: the same measure for every technique
 
@@ -194,7 +195,7 @@ def report(tuner: Tuner) -> str | None:
     figure.suptitle(f"{suite.name}: Pareto fronts of {tuner.tuning.trials} trials per technique "
                     f"(dots: trials, steps: fronts, stars: the fixed recipe at the same budget, dotted: reference)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(tuner.out / "fronts.png", dpi=110)
+    replace_file(tuner.out / "fronts.png", lambda path: figure.savefig(path, dpi=110, format="png"))
     plt.close(figure)
     log_hparams(tuner, trials)
     seconds = sum(t.user_attrs.get("seconds", 0.0) for t in every)
@@ -206,7 +207,7 @@ def report(tuner: Tuner) -> str | None:
             "model of the tested checkpoint; its validation accuracy, nonzero parameters and ONNX Runtime latency are "
             "measured at the end of each fit (`callbacks.DeployedValidation`).\n\n"
             + "\n".join(rows) + "\n\n![fronts](fronts.png)\n")
-    (tuner.out / "tuned.md").write_text(text)
+    replace_file(tuner.out / "tuned.md", lambda path: path.write_text(text))
     return text
 
 
@@ -214,11 +215,19 @@ def log_hparams(tuner: Tuner, trials: dict[str, list[FrozenTrial]]) -> None:
     """TensorBoard's HPARAMS tab: one row per complete trial (its searched values and measures), per experiment."""
     from torch.utils.tensorboard import SummaryWriter
 
+    # Several tune processes may finish together and report at once: each writes its own folder, then swaps it in;
+    # a process that finds the place taken again leaves the other's table (both come from the same database).
     root = tuner.out / "tuning" / "hparams"
-    shutil.rmtree(root, ignore_errors=True)
+    mine = root.with_name(f".hparams-{os.getpid()}")
+    shutil.rmtree(mine, ignore_errors=True)
     for label, ts in trials.items():
         for t in ts:
-            with SummaryWriter(root / label / f"trial{t.number}") as writer:
+            with SummaryWriter(mine / label / f"trial{t.number}") as writer:
                 hparams = {k.rsplit(".", 1)[-1]: v for k, v in t.params.items()}
                 metrics = {f"hparam/{k.replace('/', '_')}": v for k, v in t.user_attrs["measures"].items() if v is not None}
                 writer.add_hparams(hparams, metrics, run_name=".")
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        mine.rename(root)
+    except OSError:  # another process swapped its table in between
+        shutil.rmtree(mine, ignore_errors=True)
