@@ -71,7 +71,7 @@ class RunRecord:
             self.train_seconds = float(state.get("train_seconds", 0.0))
             self.epochs_trained = int(state.get("epochs_trained", 0))
 
-    def collect(self, callback_metrics: dict[str, torch.Tensor], stale: set[str] = frozenset()) -> None:
+    def collect(self, callback_metrics: dict[str, torch.Tensor], stale: frozenset[str] | set[str] = frozenset()) -> None:
         for key, value in callback_metrics.items():
             if key.split("/")[0] in SUMMARY_PREFIXES and value.numel() == 1 and key not in stale:
                 self.metrics[key] = float(value)
